@@ -1,0 +1,133 @@
+"""Architecture adapters: what the one A3 pipeline needs to know about a model family.
+
+An adapter names the decoder layers and the projections whose inputs are calibrated, reads a layer's
+weights in the method's (in, out) notation, and builds the compressed model's config. Everything
+else (statistics, solvers, surgery, saving) is shared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .models.a3_llama import A3LlamaConfig, A3LlamaForCausalLM
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture has no A3 adapter."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Shapes of a decoder that matter to A3."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rope: bool
+
+    @property
+    def is_mha(self) -> bool:
+        return self.num_heads == self.num_kv_heads
+
+
+class LlamaFamilyAdapter:
+    """Llama 2/3, Mistral, SmolLM and other Llama-architecture models (RoPE, MHA or GQA, SwiGLU, RMSNorm)."""
+
+    model_types = ("llama", "mistral", "a3_llama")
+    compressed_model_class = A3LlamaForCausalLM
+
+    def geometry(self, model: nn.Module) -> Geometry:
+        c = model.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        inter = c.intermediate_size
+        if isinstance(inter, list):
+            raise UnsupportedModelError("re-compressing a model with per-layer MLP widths is not supported")
+        return Geometry(
+            num_layers=c.num_hidden_layers, hidden_size=c.hidden_size, num_heads=c.num_attention_heads,
+            num_kv_heads=c.num_key_value_heads or c.num_attention_heads, head_dim=head_dim,
+            intermediate_size=inter, rope=True,
+        )
+
+    def validate(self, model: nn.Module) -> None:
+        c = model.config
+        if getattr(c, "model_type", None) == "a3_llama":
+            raise UnsupportedModelError("this model is already A3-compressed; compress the original model instead")
+        rope_type = (getattr(c, "rope_parameters", None) or {}).get("rope_type", "default")
+        if rope_type == "dynamic":
+            raise UnsupportedModelError("dynamic RoPE scaling is not supported (its frequencies change with length)")
+        if getattr(c, "hidden_act", "silu") not in ("silu", "swish"):
+            raise UnsupportedModelError(f"only SwiGLU MLPs are supported, got hidden_act={c.hidden_act!r}")
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.model.layers
+
+    # Modules whose INPUT is calibrated: attention input (q_proj), attention-weighted values (o_proj),
+    # and the down_proj input.
+    def attention_input_module(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn.q_proj
+
+    def attention_output_module(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn.o_proj
+
+    def mlp_down_module(self, layer: nn.Module) -> nn.Module:
+        return layer.mlp.down_proj
+
+    # Where each component lives inside a decoder layer, in the original and the compressed model alike.
+    linear_paths = {
+        "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+        "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
+    }
+    rope_pairs_path = "self_attn.rope_pairs"
+
+    def linears(self, layer: nn.Module) -> dict[str, nn.Linear]:
+        return {name: layer.get_submodule(path) for name, path in self.linear_paths.items()}
+
+    def compressed_config(self, model: nn.Module, dims: list, record: dict) -> A3LlamaConfig:
+        original = model.config.to_dict()
+        for key in ("model_type", "architectures", "auto_map", "quantization_config", "transformers_version",
+                    "_name_or_path", "dtype", "torch_dtype"):
+            original.pop(key, None)
+        uniform = lambda values: values[0] if len(set(values)) == 1 else list(values)  # noqa: E731
+        known = {f for f in A3LlamaConfig.__dataclass_fields__} | {
+            "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"}
+        kept = {k: v for k, v in original.items() if k in known}
+        kept.update(
+            head_dim=self.geometry(model).head_dim,
+            head_dim_qk=uniform([d.head_dim_qk for d in dims]),
+            head_dim_vo=uniform([d.head_dim_vo for d in dims]),
+            intermediate_size=uniform([d.intermediate_size for d in dims]),
+            sliding_window=original.get("sliding_window"),
+            a3_compression=record,
+        )
+        config = A3LlamaConfig(**kept)
+        config.dtype = model.dtype
+        return config
+
+
+ADAPTERS = [LlamaFamilyAdapter()]
+
+
+def supported_model_types() -> list[str]:
+    return sorted({t for a in ADAPTERS for t in a.model_types if not t.startswith("a3_")})
+
+
+def adapter_for(model: nn.Module):
+    """The adapter of ``model``'s architecture; a clear error naming the supported ones otherwise."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for adapter in ADAPTERS:
+        if model_type in adapter.model_types:
+            adapter.validate(model)
+            return adapter
+    raise UnsupportedModelError(
+        f"A3 does not support model_type={model_type!r} yet; supported: {', '.join(supported_model_types())}"
+    )
+
+
+def module_dtype(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype

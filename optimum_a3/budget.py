@@ -1,0 +1,63 @@
+"""Dimension budgets (method page §7) and the size figures users compare: parameters, KV-cache bytes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LayerDims:
+    """Inner dimensions of one decoder layer."""
+
+    head_dim_qk: int
+    head_dim_vo: int
+    intermediate_size: int
+
+
+def uniform_dims(ratio: float, head_dim: int, intermediate_size: int, rope: bool = True) -> LayerDims:
+    """§7: remove ≈``ratio`` of every projection and of the KV cache (q/k dims rounded to whole pairs)."""
+    keep = 1.0 - ratio
+    qk = 2 * round(keep * head_dim / 2) if rope else round(keep * head_dim)
+    return LayerDims(
+        head_dim_qk=max(2 if rope else 1, qk),
+        head_dim_vo=max(1, round(keep * head_dim)),
+        intermediate_size=max(1, round(keep * intermediate_size)),
+    )
+
+
+def decoder_linear_params(model: nn.Module) -> int:
+    """Parameters of all linear layers inside the decoder layers (embeddings and lm_head excluded)."""
+    total = 0
+    for module in model.model.layers.modules():
+        if isinstance(module, nn.Linear):
+            total += module.weight.numel() + (module.bias.numel() if module.bias is not None else 0)
+    return total
+
+
+def total_params(model: nn.Module) -> int:
+    """All parameters, counting tied embeddings once."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel()
+    return total
+
+
+def kv_cache_bytes_per_token(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Bytes of key + value cache per token over all layers (from the k_proj/v_proj output widths)."""
+    dtype = dtype or next(model.parameters()).dtype
+    width = 0
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        width += _out_features(attn.k_proj) + _out_features(attn.v_proj)
+    return width * torch.tensor([], dtype=dtype).element_size()
+
+
+def _out_features(module: nn.Module) -> int:
+    if hasattr(module, "out_features"):
+        return module.out_features
+    return module.second.out_features  # two-factor baseline layers

@@ -1,0 +1,203 @@
+"""``A3Compressor``: the user-facing entry point, in the shape of Optimum's ``GPTQQuantizer``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from optimum.quantization_base import OptimumQuantizer
+from torch import nn
+
+from .adapters import adapter_for
+from .budget import LayerDims
+from .calibration import calibration_windows
+from .config import A3Config
+from .data import describe_source
+from .layer_solver import solve_layer
+from .models.a3_llama import A3LlamaConfig, A3LlamaForCausalLM
+from .saving import check_output_dir, write_atomically
+from .statistics import stream_layer_statistics
+from .version import __version__
+
+# save_pretrained writes `auto_map` and copies the self-contained modeling files for these classes.
+A3LlamaConfig.register_for_auto_class()
+A3LlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+
+class A3Compressor(OptimumQuantizer):
+    """Compress a causal LM with A3 (arXiv 2505.12942) into a smaller dense model.
+
+    Example::
+
+        compressor = A3Compressor(A3Config(ratio=0.2, nsamples=128, seqlen=2048))
+        small = compressor.compress(model, tokenizer)
+        compressor.save(small, "smollm2-a3-20", tokenizer=tokenizer)
+
+    Args:
+        config: an :class:`A3Config`, a dict from ``A3Config.to_dict()``, or ``None`` to build one from
+            ``kwargs`` (e.g. ``A3Compressor(ratio=0.2)``).
+    """
+
+    def __init__(self, config: A3Config | dict | None = None, **kwargs):
+        if config is None:
+            config = A3Config(**kwargs)
+        elif isinstance(config, dict):
+            config = A3Config.from_dict({**config, **kwargs})
+        elif kwargs:
+            raise TypeError("pass either an A3Config or keyword arguments, not both")
+        self.config = config
+        self.last_timings: dict[str, float] = {}
+        self._model = None
+        self._tokenizer = None
+
+    # ------------------------------------------------------------------------------ compress
+    def compress(self, model: nn.Module, tokenizer=None, calibration_ids: torch.Tensor | None = None,
+                 progress: bool = True) -> nn.Module:
+        """Return the A3-compressed copy of ``model`` (the input model is left unchanged).
+
+        Args:
+            model: a supported Hugging Face causal LM (Llama family), in eval mode.
+            tokenizer: tokenizes the calibration text of ``config.dataset``.
+            calibration_ids: optional ``(n, seqlen)`` token ids used instead of ``config.dataset``.
+            progress: show progress bars.
+        """
+        cfg = self.config
+        adapter = adapter_for(model)
+        geometry = adapter.geometry(model)
+        dims = cfg.layer_dims(geometry.num_layers, geometry.head_dim, geometry.intermediate_size, rope=geometry.rope)
+        torch.manual_seed(cfg.seed)
+        if calibration_ids is None:
+            calibration_ids = calibration_windows(tokenizer, cfg.dataset, cfg.nsamples, cfg.seqlen, cfg.seed)
+            source = describe_source(cfg.dataset)
+        else:
+            calibration_ids = torch.as_tensor(calibration_ids, dtype=torch.long)
+            if calibration_ids.dim() != 2:
+                raise ValueError("calibration_ids must have shape (num_windows, seqlen)")
+            source = "user-provided token ids"
+
+        was_training = model.training
+        model.eval()
+        record = self._record(model, dims, calibration_ids, source)
+        compressed = self._empty_compressed_model(adapter, model, dims, record)
+        start = time.perf_counter()
+        solve_time = 0.0
+        try:
+            stats_iter = stream_layer_statistics(
+                model, adapter, calibration_ids, batch_size=cfg.batch_size,
+                want_head_autocorr=geometry.is_mha and "ov" in cfg.components,
+                want_down_autocorr=cfg.mlp_refit, device=cfg.device, progress=progress,
+            )
+            originals, targets = adapter.layers(model), adapter.layers(compressed)
+            for idx, stats in stats_iter:
+                t0 = time.perf_counter()
+                solver_device = cfg.device or stats.attn_input_autocorr.device
+                new_entries = solve_layer(adapter, originals[idx], stats.to(solver_device), geometry, dims[idx], cfg)
+                state = dict(originals[idx].state_dict())
+                state.update(new_entries)
+                targets[idx].load_state_dict(state, strict=True)
+                solve_time += time.perf_counter() - t0
+        finally:
+            model.train(was_training)
+        self._copy_outside_layers(model, compressed)
+        total = time.perf_counter() - start
+        self.last_timings = {"total_s": total, "solve_s": solve_time, "calibration_forward_s": total - solve_time}
+        return compressed.eval()
+
+    def _record(self, model, dims: list[LayerDims], calibration_ids, source: str) -> dict[str, Any]:
+        cfg = self.config
+        config_dict = cfg.to_dict()
+        config_dict["dataset"] = source  # never embed user text in the checkpoint
+        per_layer = lambda name: [getattr(d, name) for d in dims]  # noqa: E731
+        return {
+            "method": "a3",
+            "paper": "arXiv:2505.12942",
+            "library": "optimum-a3",
+            "library_version": __version__,
+            "base_model": getattr(model.config, "_name_or_path", None) or None,
+            "base_model_type": model.config.model_type,
+            "ratio": cfg.ratio,
+            "components": list(cfg.components),
+            "dims": {name: per_layer(name) for name in ("head_dim_qk", "head_dim_vo", "intermediate_size")},
+            "calibration": {
+                "dataset": source,
+                "nsamples": int(calibration_ids.shape[0]),
+                "seqlen": int(calibration_ids.shape[1]),
+                "tokens": int(calibration_ids.numel()),
+                "seed": cfg.seed,
+            },
+            "a3_config": config_dict,
+        }
+
+    @staticmethod
+    def _empty_compressed_model(adapter, model, dims, record) -> nn.Module:
+        config = adapter.compressed_config(model, dims, record)
+        config._attn_implementation = getattr(model.config, "_attn_implementation", None) or "sdpa"
+        device = next(model.parameters()).device
+        with torch.device("meta"):
+            compressed = adapter.compressed_model_class(config)
+        compressed = compressed.to(model.dtype).to_empty(device=device)
+        return compressed
+
+    @staticmethod
+    def _copy_outside_layers(model: nn.Module, compressed: nn.Module) -> None:
+        """Embeddings, final norm and lm_head are not touched by A3: copy them (and re-tie)."""
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith("model.layers.")}
+        missing, unexpected = compressed.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("model.layers.")]
+        if compressed.config.tie_word_embeddings:
+            missing = [k for k in missing if k != "lm_head.weight"]
+            compressed.tie_weights()
+        if missing or unexpected:
+            raise RuntimeError(f"weights outside the decoder layers do not match: missing={missing} unexpected={unexpected}")
+
+    # ---------------------------------------------------------------------------------- save
+    def save(self, model: nn.Module, save_dir: str | Path, tokenizer=None, overwrite: bool = False,
+             max_shard_size: str | int = "5GB") -> str:
+        """Save ``model`` as safetensors + config (with ``auto_map``) + remote code (+ tokenizer).
+
+        The checkpoint is written to a temporary sibling directory and moved into place in one rename,
+        so a failure leaves ``save_dir`` untouched. A non-empty ``save_dir`` is refused unless
+        ``overwrite=True``. Reload anywhere with
+        ``AutoModelForCausalLM.from_pretrained(save_dir, trust_remote_code=True)``.
+        """
+        if not isinstance(model, A3LlamaForCausalLM):
+            raise TypeError(f"expected a model returned by A3Compressor.compress, got {type(model).__name__}")
+
+        def writer(tmp: str) -> None:
+            model.save_pretrained(tmp, max_shard_size=max_shard_size)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+
+        return write_atomically(str(save_dir), writer, overwrite=overwrite)
+
+    # ------------------------------------------------------------------- (de)serialisation
+    def to_dict(self) -> dict:
+        """The compressor's configuration as a JSON-serialisable dict."""
+        return self.config.to_dict()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict) -> A3Compressor:
+        """Rebuild a compressor from :meth:`to_dict` output."""
+        return cls(A3Config.from_dict(config_dict))
+
+    # --------------------------------------------------------- OptimumQuantizer interface
+    @classmethod
+    def from_pretrained(cls, model_or_path: str | Path, file_name: str | None = None, config: A3Config | None = None,
+                        **kwargs) -> A3Compressor:
+        """Load a model (hub id, directory or GGUF file) to compress later with :meth:`quantize`."""
+        from .loading import load_model_and_tokenizer
+
+        compressor = cls(config, **kwargs)
+        spec = str(model_or_path) if file_name is None else str(Path(model_or_path) / file_name)
+        compressor._model, compressor._tokenizer = load_model_and_tokenizer(spec)
+        return compressor
+
+    def quantize(self, save_dir: str | Path, file_prefix: str | None = None, overwrite: bool = False, **kwargs) -> str:
+        """``OptimumQuantizer`` entry point: compress the model given to :meth:`from_pretrained` and save it."""
+        if self._model is None:
+            raise RuntimeError("call A3Compressor.from_pretrained(model) first, or use compress() + save()")
+        check_output_dir(str(save_dir), overwrite)
+        compressed = self.compress(self._model, self._tokenizer, **kwargs)
+        return self.save(compressed, save_dir, tokenizer=self._tokenizer, overwrite=overwrite)

@@ -1,0 +1,140 @@
+"""``A3Config``: what to compress, by how much, and with which calibration data."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .budget import LayerDims, uniform_dims
+from .linalg import DEFAULT_EIG_FLOOR
+
+COMPONENTS = ("qk", "ov", "mlp")
+DimSpec = int | list[int] | None
+
+
+class A3ConfigError(ValueError):
+    """An invalid A3 configuration or a configuration that does not fit the model."""
+
+
+@dataclass
+class A3Config:
+    """Configuration of an A3 compression run (serialisable with ``to_dict`` / ``from_dict``).
+
+    Args:
+        ratio: uniform compression ratio ρ in [0, 1): fraction of every decoder projection removed
+            (method page §7). Ignored for a component whose dim is given explicitly.
+        head_dim_qk / head_dim_vo / intermediate_size: explicit target dims, an int for every layer or
+            one per layer (a list).
+        components: which components to compress, a subset of ``("qk", "ov", "mlp")``.
+        dataset: calibration text: a list of strings, ``"wikipedia-offline"`` (the offline default), a local
+            ``.txt/.jsonl/.json/.parquet`` path, ``"hub:NAME[:CONFIG[:SPLIT]]"`` or a dict for ``datasets``.
+        nsamples / seqlen: number and length (tokens) of calibration windows.
+        seed: seed of the window sampling (and of anything random in the run).
+        batch_size: calibration windows per forward pass.
+        eig_floor: relative eigenvalue floor for PSD roots (``floor · max eigenvalue``).
+        device: device for the per-layer calibration forward and the solvers (default: the model's).
+        mlp_refit: least-squares refit of down_proj after channel selection (method page §6).
+        refit_damping: relative damping of that refit.
+    """
+
+    ratio: float | None = None
+    head_dim_qk: DimSpec = None
+    head_dim_vo: DimSpec = None
+    intermediate_size: DimSpec = None
+    components: tuple[str, ...] = COMPONENTS
+    dataset: Any = "wikipedia-offline"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    batch_size: int = 1
+    eig_floor: float = DEFAULT_EIG_FLOOR
+    device: str | None = None
+    mlp_refit: bool = False
+    refit_damping: float = 1e-6
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.components = tuple(self.components)
+        unknown = set(self.components) - set(COMPONENTS)
+        if unknown or not self.components:
+            raise A3ConfigError(f"components must be a non-empty subset of {COMPONENTS}, got {self.components}")
+        if self.ratio is not None and not (0.0 <= float(self.ratio) < 1.0):
+            raise A3ConfigError(f"ratio must be in [0, 1), got {self.ratio}")
+        explicit = {c: getattr(self, n) for c, n in _DIM_FIELDS.items()}
+        for component in self.components:
+            if self.ratio is None and explicit[component] is None:
+                raise A3ConfigError(f"give a ratio or an explicit {_DIM_FIELDS[component]} for component {component!r}")
+        for name in _DIM_FIELDS.values():
+            for v in _as_list(getattr(self, name)):
+                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                    raise A3ConfigError(f"{name} values must be integers >= 1, got {v!r}")
+        for name in ("nsamples", "seqlen", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise A3ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (0.0 <= self.eig_floor < 1.0):
+            raise A3ConfigError(f"eig_floor must be in [0, 1), got {self.eig_floor}")
+
+    # --------------------------------------------------------------------------------- dims
+    def layer_dims(self, num_layers: int, head_dim: int, intermediate_size: int | list[int], rope: bool = True) -> list[LayerDims]:
+        """Target dims of every layer; raises ``A3ConfigError`` when a dim does not fit the model."""
+        originals = {
+            "qk": [head_dim] * num_layers,
+            "ov": [head_dim] * num_layers,
+            "mlp": _expand(intermediate_size, num_layers, "intermediate_size"),
+        }
+        resolved = {}
+        for component, name in _DIM_FIELDS.items():
+            explicit = getattr(self, name)
+            if component not in self.components:
+                resolved[component] = originals[component]
+            elif explicit is not None:
+                resolved[component] = _expand(explicit, num_layers, name)
+            else:
+                resolved[component] = [
+                    getattr(uniform_dims(self.ratio, head_dim, orig, rope), name) for orig in originals[component]
+                ]
+            for layer, (value, orig) in enumerate(zip(resolved[component], originals[component])):
+                if not 1 <= value <= orig:
+                    raise A3ConfigError(f"{name}={value} at layer {layer} must be in [1, {orig}] (the original size)")
+                if component == "qk" and rope and value % 2:
+                    raise A3ConfigError(f"head_dim_qk={value} at layer {layer} must be even: RoPE keeps whole rotary pairs")
+        return [LayerDims(*dims) for dims in zip(resolved["qk"], resolved["ov"], resolved["mlp"])]
+
+    # --------------------------------------------------------------------------- serialise
+    def to_dict(self) -> dict:
+        """A JSON-serialisable dict (``from_dict`` inverts it)."""
+        d = asdict(self)
+        d["components"] = list(self.components)
+        if isinstance(d["dataset"], tuple):
+            d["dataset"] = list(d["dataset"])
+        return d
+
+    @classmethod
+    def from_dict(cls, config_dict: dict) -> A3Config:
+        """Build a config from ``to_dict`` output; unknown keys are an error."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(config_dict) - names
+        if unknown:
+            raise A3ConfigError(f"unknown A3Config keys: {sorted(unknown)}")
+        return cls(**config_dict)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+_DIM_FIELDS = {"qk": "head_dim_qk", "ov": "head_dim_vo", "mlp": "intermediate_size"}
+
+
+def _as_list(value: DimSpec) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _expand(value: int | list[int], num_layers: int, name: str) -> list[int]:
+    if isinstance(value, (list, tuple)):
+        if len(value) != num_layers:
+            raise A3ConfigError(f"{name} has {len(value)} entries but the model has {num_layers} layers")
+        return list(value)
+    return [value] * num_layers

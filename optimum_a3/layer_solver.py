@@ -1,0 +1,85 @@
+"""Solve one decoder layer: original weights + statistics + target dims -> compressed layer weights.
+
+This is the glue between the pure solvers (``solvers``) and the model: it converts Hugging Face
+``nn.Linear`` weights (out, in) to the method's (in, out) notation and back, carries biases, and casts
+the result to the model's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import solvers
+from .adapters import Geometry
+from .budget import LayerDims
+from .config import A3Config
+from .statistics import LayerStatistics
+
+
+def _w(linear: nn.Linear) -> torch.Tensor:
+    """Method notation (in, out), float64."""
+    return linear.weight.detach().to(torch.float64).T
+
+
+def solve_layer(adapter, layer: nn.Module, stats: LayerStatistics, geometry: Geometry, dims: LayerDims,
+                config: A3Config) -> dict[str, torch.Tensor]:
+    """State-dict entries (relative to the layer) of the compressed layer, in the layer's dtype.
+
+    Entries not returned (norms, o_proj/down_proj biases) are copied unchanged by the caller.
+    """
+    lin = adapter.linears(layer)
+    paths = adapter.linear_paths
+    dtype = lin["q"].weight.dtype
+    h, g, hd = geometry.num_heads, geometry.num_kv_heads, geometry.head_dim
+    r_x = stats.attn_input_autocorr
+    out: dict[str, torch.Tensor] = {}
+
+    def put(name: str, weight_in_out: torch.Tensor, bias: torch.Tensor | None = None):
+        out[f"{paths[name]}.weight"] = weight_in_out.T.contiguous().to(dtype)
+        if bias is not None:
+            out[f"{paths[name]}.bias"] = bias.contiguous().to(dtype)
+
+    def bias(name: str) -> torch.Tensor | None:
+        b = lin[name].bias
+        return None if b is None else b.detach().to(torch.float64)
+
+    # --- QK: keep whole rotary pairs (§3a); at full size the identity selection keeps the weights.
+    keep = solvers.select_rope_pairs(_w(lin["q"]), _w(lin["k"]), r_x, h, g, dims.head_dim_qk)
+    kept_dims = solvers.rope_kept_dims(keep, hd)
+    for name, heads in (("q", h), ("k", g)):
+        b = bias(name)
+        put(name, solvers.gather_head_columns(_w(lin[name]), heads, kept_dims),
+            None if b is None else solvers.gather_head_columns(b[None], heads, kept_dims)[0])
+    out[adapter.rope_pairs_path] = keep.to(torch.long)
+
+    # --- OV (§4). A v_proj bias adds the constant Σ_h b_v,g(h) W_o,h to the output (attention rows
+    # sum to one), so it folds exactly into the o_proj bias and the solvers see weights only.
+    w_v, w_o = _w(lin["v"]), _w(lin["o"])
+    o_bias = bias("o")
+    b_v = bias("v")
+    if b_v is not None:
+        per_query_head = b_v.view(g, 1, hd).expand(g, h // g, hd).reshape(h, 1, hd)
+        folded = (per_query_head @ w_o.view(h, hd, -1)).sum(dim=0)[0]
+        o_bias = folded if o_bias is None else o_bias + folded
+    if dims.head_dim_vo == hd:
+        new_v, new_o = w_v, w_o
+    elif geometry.is_mha:
+        new_v, new_o = solvers.solve_ov_mha(w_v, w_o, stats.head_output_autocorr, h, dims.head_dim_vo, config.eig_floor)
+    else:
+        new_v, new_o = solvers.solve_ov_gqa(w_v, w_o, r_x, h, g, dims.head_dim_vo, config.eig_floor)
+    put("v", new_v, None if b_v is None else torch.zeros(new_v.shape[1], dtype=torch.float64))
+    put("o", new_o, o_bias)
+
+    # --- MLP: column selection (§5), optional least-squares refit of down_proj (§6).
+    w_down = _w(lin["down"])
+    kept = solvers.select_mlp_channels(w_down, stats.down_input_sq_mean, dims.intermediate_size)
+    for name in ("gate", "up"):
+        b = bias(name)
+        put(name, _w(lin[name])[:, kept], None if b is None else b[kept])
+    if config.mlp_refit and dims.intermediate_size < w_down.shape[0]:
+        new_down = solvers.refit_down_proj(w_down, stats.down_input_autocorr, kept, config.refit_damping)
+    else:
+        new_down = w_down[kept]
+    put("down", new_down, bias("down"))
+    return out

@@ -1,0 +1,44 @@
+"""Tiny random models built inside the tests (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def tiny_llama(num_heads: int = 4, num_kv_heads: int = 2, head_dim: int = 16, hidden: int = 48,
+               intermediate: int = 96, layers: int = 2, vocab: int = 128, tie: bool = True,
+               seed: int = 0, dtype: torch.dtype = torch.float32, **extra) -> LlamaForCausalLM:
+    """A random Llama-architecture causal LM; GQA by default, MHA with ``num_kv_heads=num_heads``."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, head_dim=head_dim,
+        max_position_embeddings=256, tie_word_embeddings=tie, rms_norm_eps=1e-6,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra,
+    )
+    model = LlamaForCausalLM(config).to(dtype)
+    # Larger-than-default init so attention patterns are not uniform and errors are visible.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.normal_(0.0, 0.15)
+    return model.eval()
+
+
+def random_token_windows(n: int, seqlen: int, vocab: int = 128, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n, seqlen), generator=g)
+
+
+def tiny_tokenizer(vocab: int = 128):
+    """A character-level fast tokenizer with ``vocab`` ids (0 pad, 1 bos, 2 eos, 3 unk), built in memory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)][: vocab - 4]
+    table = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(chars)}}
+    backend = Tokenizer(models.WordLevel(table, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
