@@ -1,0 +1,229 @@
+"""End to end on tiny random Llama-family models: compress, count, save, reload anywhere."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
+
+from optimum_a3 import (A3Compressor, A3Config, A3ConfigError, A3LlamaForCausalLM, CalibrationDataError,
+                        NonFiniteStatisticsError, OutputDirError, UnsupportedModelError)
+from optimum_a3.budget import decoder_linear_params, kv_cache_bytes_per_token, uniform_dims
+from tiny_models import random_token_windows, tiny_llama, tiny_tokenizer
+
+HERE = Path(__file__).resolve().parent
+CALIB = random_token_windows(6, 32, seed=11)
+PROBE = random_token_windows(2, 24, seed=12)
+
+
+def compress(model, **kwargs):
+    return A3Compressor(A3Config(**kwargs)).compress(model, calibration_ids=CALIB, progress=False)
+
+
+def logits(model, ids=PROBE):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_ratio_zero_reproduces_logits(kv_heads, attn):
+    model = tiny_llama(num_kv_heads=kv_heads, attn_implementation=attn)
+    small = compress(model, ratio=0.0)
+    assert isinstance(small, A3LlamaForCausalLM)
+    torch.testing.assert_close(logits(small), logits(model), rtol=1e-5, atol=1e-5)
+
+
+def test_ratio_zero_reproduces_mistral_with_sliding_window():
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=12, sliding_window=8,
+                           max_position_embeddings=128)
+    model = MistralForCausalLM(config).eval()
+    small = compress(model, ratio=0.0)
+    assert small.config.sliding_window == 8
+    torch.testing.assert_close(logits(small), logits(model), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
+def test_ratio_quarter_sizes_match_budget(kv_heads):
+    model = tiny_llama(num_kv_heads=kv_heads)
+    small = compress(model, ratio=0.25)
+    c = model.config
+    dims = uniform_dims(0.25, c.head_dim, c.intermediate_size)
+    assert (small.config.head_dim_qk, small.config.head_dim_vo, small.config.intermediate_size) == (
+        dims.head_dim_qk, dims.head_dim_vo, dims.intermediate_size) == (12, 12, 72)
+    d, h, g = c.hidden_size, c.num_attention_heads, c.num_key_value_heads
+    per_layer = d * (h + g) * dims.head_dim_qk + d * g * dims.head_dim_vo + h * dims.head_dim_vo * d \
+        + 3 * d * dims.intermediate_size
+    assert decoder_linear_params(small) == c.num_hidden_layers * per_layer
+    assert decoder_linear_params(small) == pytest.approx(0.75 * decoder_linear_params(model), rel=1e-9)
+    assert kv_cache_bytes_per_token(small) == pytest.approx(0.75 * kv_cache_bytes_per_token(model), rel=1e-9)
+    assert small.model.embed_tokens.weight.data_ptr() == small.lm_head.weight.data_ptr()  # still tied
+    assert small.model.layers[0].self_attn.rope_pairs.shape == (g, dims.head_dim_qk // 2)
+
+
+def test_compression_does_not_modify_the_input_model():
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    compress(model, ratio=0.5)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_same_seed_gives_identical_weights_from_text():
+    model, tok = tiny_llama(), tiny_tokenizer()
+    text = [f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i * 7}." for i in range(60)]
+    cfg = A3Config(ratio=0.25, dataset=text, nsamples=4, seqlen=64, seed=3)
+    a = A3Compressor(cfg).compress(model, tok, progress=False).state_dict()
+    b = A3Compressor(cfg).compress(model, tok, progress=False).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    c = A3Compressor(A3Config(ratio=0.25, dataset=text, nsamples=4, seqlen=64, seed=4)).compress(model, tok, progress=False)
+    assert any(not torch.equal(a[k], v) for k, v in c.state_dict().items())  # the seed matters
+
+
+def test_mixed_per_layer_dims_and_components():
+    model = tiny_llama(layers=3)
+    small = compress(model, head_dim_qk=[16, 8, 4], head_dim_vo=[5, 16, 9], intermediate_size=[96, 40, 7])
+    for i, (qk, vo, inter) in enumerate([(16, 5, 96), (8, 16, 40), (4, 9, 7)]):
+        layer = small.model.layers[i]
+        assert layer.self_attn.q_proj.out_features == 4 * qk and layer.self_attn.v_proj.out_features == 2 * vo
+        assert layer.mlp.up_proj.out_features == inter
+    only_mlp = compress(model, ratio=0.5, components=["mlp"])
+    assert only_mlp.config.head_dim_qk == 16 and only_mlp.config.intermediate_size == 48
+    out = logits(small)
+    assert torch.isfinite(out).all()
+
+
+def _save_reference(model, path):
+    with torch.no_grad():
+        generated = model.generate(PROBE[:1, :6], max_new_tokens=10, do_sample=False)
+    torch.save({"input_ids": PROBE, "logits": logits(model), "generated": generated}, path)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
+def test_save_and_reload_in_process_without_optimum_a3(tmp_path, kv_heads):
+    model, tok = tiny_llama(num_kv_heads=kv_heads), tiny_tokenizer()
+    compressor = A3Compressor(A3Config(ratio=0.25))
+    small = compressor.compress(model, calibration_ids=CALIB, progress=False)
+    out = tmp_path / "ckpt"
+    compressor.save(small, out, tokenizer=tok)
+    files = set(os.listdir(out))
+    assert {"model.safetensors", "config.json", "modeling_a3_llama.py", "configuration_a3_llama.py",
+            "tokenizer.json"} <= files
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_a3_llama.A3LlamaForCausalLM"
+    assert config["a3_compression"]["ratio"] == 0.25 and config["a3_compression"]["calibration"]["tokens"] == CALIB.numel()
+    ref = tmp_path / "ref.pt"
+    _save_reference(small, ref)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, str(HERE / "reload_check.py"), str(out), str(ref)], cwd=tmp_path,
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["optimum_a3_importable"] is False
+    assert result["class_module"].startswith("transformers_modules")
+    assert result["logits_equal"], result
+    assert result["generate_cached_equals_uncached"] and result["generated_equals_in_memory"], result
+
+
+def test_cached_generation_equals_uncached_in_memory():
+    small = compress(tiny_llama(), ratio=0.25)
+    prompt = PROBE[:2, :5]
+    cached = small.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True)
+    uncached = small.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+# ------------------------------------------------------------------------------- bad input
+def test_unsupported_architecture_names_supported_ones():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(UnsupportedModelError, match="gpt2.*supported: llama, mistral"):
+        compress(model, ratio=0.2)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"ratio": 1.0}, r"ratio must be in \[0, 1\)"),
+    ({"ratio": -0.1}, r"ratio must be in \[0, 1\)"),
+    ({}, "give a ratio"),
+    ({"ratio": 0.2, "head_dim_qk": 0}, ">= 1"),
+    ({"ratio": 0.2, "components": ["qk", "attn"]}, "components"),
+    ({"ratio": 0.2, "nsamples": 0}, "nsamples"),
+])
+def test_invalid_config_is_refused(kwargs, match):
+    with pytest.raises(A3ConfigError, match=match):
+        A3Config(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"head_dim_qk": 7, "head_dim_vo": 8, "intermediate_size": 8}, "must be even"),
+    ({"head_dim_qk": 18, "head_dim_vo": 8, "intermediate_size": 8}, r"head_dim_qk=18 .* \[1, 16\]"),
+    ({"head_dim_qk": 8, "head_dim_vo": 17, "intermediate_size": 8}, r"head_dim_vo=17"),
+    ({"head_dim_qk": 8, "head_dim_vo": 8, "intermediate_size": 97}, r"intermediate_size=97"),
+    ({"head_dim_qk": [8, 8, 8], "head_dim_vo": 8, "intermediate_size": 8}, "3 entries but the model has 2 layers"),
+])
+def test_dims_that_do_not_fit_the_model_are_refused(kwargs, match):
+    with pytest.raises(A3ConfigError, match=match):
+        compress(tiny_llama(), **kwargs)
+
+
+def test_too_little_calibration_text_is_refused():
+    cfg = A3Config(ratio=0.2, dataset=["tiny text"] * 3, nsamples=4, seqlen=64)
+    with pytest.raises(CalibrationDataError, match="fewer than nsamples x seqlen = 4 x 64"):
+        A3Compressor(cfg).compress(tiny_llama(), tiny_tokenizer(), progress=False)
+
+
+def test_non_finite_statistics_are_refused():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteStatisticsError, match="layer 1"):
+        compress(model, ratio=0.2)
+
+
+def test_non_empty_output_dir_is_refused_and_failed_save_leaves_nothing(tmp_path, monkeypatch):
+    compressor = A3Compressor(A3Config(ratio=0.25))
+    small = compressor.compress(tiny_llama(), calibration_ids=CALIB, progress=False)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("user data")
+    with pytest.raises(OutputDirError, match="not empty"):
+        compressor.save(small, busy)
+    assert os.listdir(busy) == ["keep.txt"]
+
+    def broken_save(self, directory, **kwargs):
+        Path(directory, "model.safetensors").write_bytes(b"half written")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(A3LlamaForCausalLM, "save_pretrained", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        compressor.save(small, tmp_path / "fresh")
+    with pytest.raises(OSError, match="disk full"):
+        compressor.save(small, busy, overwrite=True)
+    assert not (tmp_path / "fresh").exists()
+    assert os.listdir(busy) == ["keep.txt"] and (busy / "keep.txt").read_text() == "user data"
+    assert sorted(os.listdir(tmp_path)) == ["busy"]  # no temporary directories left behind
+
+
+def test_overwrite_replaces_existing_checkpoint(tmp_path):
+    compressor = A3Compressor(A3Config(ratio=0.25))
+    small = compressor.compress(tiny_llama(), calibration_ids=CALIB, progress=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    compressor.save(small, out, overwrite=True)
+    assert "old.txt" not in os.listdir(out) and "model.safetensors" in os.listdir(out)
+
+
+def test_compressor_dict_round_trip():
+    cfg = A3Config(ratio=0.3, components=["qk", "mlp"], head_dim_vo=[4, 8], nsamples=7, seqlen=33, seed=5,
+                   dataset=["a", "b"], mlp_refit=True)
+    comp = A3Compressor(cfg)
+    again = A3Compressor.from_dict(json.loads(json.dumps(comp.to_dict())))
+    assert again.config == cfg
+    with pytest.raises(A3ConfigError, match="unknown"):
+        A3Config.from_dict({"ratio": 0.2, "bits": 4})
