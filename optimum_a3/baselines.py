@@ -166,13 +166,6 @@ def _decoder_linears(model) -> Iterator[tuple[int, str, nn.Linear]]:
                 yield index, name, module
 
 
-def count_decoder_linear_params(model) -> int:
-    """Weights and biases of every ``nn.Linear`` / :class:`LowRankLinear` inside ``model.model.layers``."""
-    # LowRankLinear holds its parameters in two nn.Linear children, so counting nn.Linear covers both.
-    return sum(p.numel() for m in _decoder_layers(model).modules() if isinstance(m, nn.Linear)
-               for p in m.parameters(recurse=False))
-
-
 def _replace_linears(model, ratio: float, factorise, desc: str, progress: bool) -> nn.Module:
     """Swap every decoder-layer linear of ``model`` (in place) for a ``LowRankLinear`` from ``factorise``."""
     layers = _decoder_layers(model)
@@ -254,18 +247,22 @@ def collect_input_gram(model, calibration_ids: torch.Tensor, batch_size: int = 1
     return {name_key: grams[key] for name_key, key in key_of.items()}
 
 
-def compress_svd_llm(model, ratio: float, calibration_ids: torch.Tensor, batch_size: int = 1,
-                     progress: bool = True) -> nn.Module:
+def compress_svd_llm(model, ratio: float, calibration_ids: torch.Tensor | None = None, batch_size: int = 1,
+                     progress: bool = True, grams: dict | None = None) -> nn.Module:
     """A copy of ``model`` whose decoder-layer linears are SVD-LLM :class:`LowRankLinear` s.
 
     ``X^T X`` of every linear's input is collected on the ORIGINAL model from ``calibration_ids``
     (LongTensor ``(n, seqlen)``); each linear is then factorised by :func:`svd_llm_factors` at the
     rank of :func:`svd_rank`. The input model is never modified; ``ratio == 0`` returns an untouched copy.
+    ``grams`` (from :func:`collect_input_gram`) skips the calibration forward, e.g. to try several ratios.
     """
     svd_rank(1, 1, ratio)  # validates ratio
     if ratio == 0:
         return copy.deepcopy(model)
-    grams = collect_input_gram(model, calibration_ids, batch_size=batch_size, progress=progress)
+    if grams is None:
+        if calibration_ids is None:
+            raise ValueError("SVD-LLM needs calibration_ids (or precomputed grams)")
+        grams = collect_input_gram(model, calibration_ids, batch_size=batch_size, progress=progress)
     compressed = copy.deepcopy(model)
     return _replace_linears(compressed, ratio, lambda i, n, lin, r: svd_llm_factors(lin.weight, grams[(i, n)], r),
                             "SVD-LLM", progress)

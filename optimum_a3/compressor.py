@@ -18,7 +18,7 @@ from .data import describe_source
 from .layer_solver import solve_layer
 from .models.a3_llama import A3LlamaConfig, A3LlamaForCausalLM
 from .saving import check_output_dir, write_atomically
-from .statistics import stream_layer_statistics
+from .statistics import LayerStatistics, stream_layer_statistics
 from .version import __version__
 
 # save_pretrained writes `auto_map` and copies the self-contained modeling files for these classes.
@@ -49,12 +49,15 @@ class A3Compressor(OptimumQuantizer):
             raise TypeError("pass either an A3Config or keyword arguments, not both")
         self.config = config
         self.last_timings: dict[str, float] = {}
+        self.last_statistics: list[LayerStatistics] | None = None
+        self.last_calibration: dict | None = None
         self._model = None
         self._tokenizer = None
 
     # ------------------------------------------------------------------------------ compress
     def compress(self, model: nn.Module, tokenizer=None, calibration_ids: torch.Tensor | None = None,
-                 progress: bool = True) -> nn.Module:
+                 progress: bool = True, statistics: list[LayerStatistics] | None = None,
+                 keep_statistics: bool = False) -> nn.Module:
         """Return the A3-compressed copy of ``model`` (the input model is left unchanged).
 
         Args:
@@ -62,53 +65,70 @@ class A3Compressor(OptimumQuantizer):
             tokenizer: tokenizes the calibration text of ``config.dataset``.
             calibration_ids: optional ``(n, seqlen)`` token ids used instead of ``config.dataset``.
             progress: show progress bars.
+            statistics: per-layer statistics from an earlier run on the same model and calibration data
+                (``last_statistics``); skips the calibration forward, e.g. to try several ratios.
+            keep_statistics: keep the statistics in ``self.last_statistics`` for reuse.
         """
         cfg = self.config
         adapter = adapter_for(model)
         geometry = adapter.geometry(model)
         dims = cfg.layer_dims(geometry.num_layers, geometry.head_dim, geometry.intermediate_size, rope=geometry.rope)
         torch.manual_seed(cfg.seed)
-        if calibration_ids is None:
-            calibration_ids = calibration_windows(tokenizer, cfg.dataset, cfg.nsamples, cfg.seqlen, cfg.seed)
-            source = describe_source(cfg.dataset)
-        else:
-            calibration_ids = torch.as_tensor(calibration_ids, dtype=torch.long)
-            if calibration_ids.dim() != 2:
-                raise ValueError("calibration_ids must have shape (num_windows, seqlen)")
-            source = "user-provided token ids"
-
-        was_training = model.training
-        model.eval()
-        record = self._record(model, dims, calibration_ids, source)
-        compressed = self._empty_compressed_model(adapter, model, dims, record)
-        start = time.perf_counter()
-        solve_time = 0.0
-        try:
-            stats_iter = stream_layer_statistics(
+        if statistics is None:
+            calibration_ids, source = self._calibration_ids(tokenizer, calibration_ids)
+            layer_stats = stream_layer_statistics(
                 model, adapter, calibration_ids, batch_size=cfg.batch_size,
                 want_head_autocorr=geometry.is_mha and "ov" in cfg.components,
                 want_down_autocorr=cfg.mlp_refit, device=cfg.device, progress=progress,
             )
-            originals, targets = adapter.layers(model), adapter.layers(compressed)
-            for idx, stats in stats_iter:
-                t0 = time.perf_counter()
-                solver_device = cfg.device or stats.attn_input_autocorr.device
-                new_entries = solve_layer(adapter, originals[idx], stats.to(solver_device), geometry, dims[idx], cfg)
-                state = dict(originals[idx].state_dict())
-                state.update(new_entries)
-                targets[idx].load_state_dict(state, strict=True)
-                solve_time += time.perf_counter() - t0
-        finally:
-            model.train(was_training)
+            calibration = {"dataset": source, "nsamples": int(calibration_ids.shape[0]),
+                           "seqlen": int(calibration_ids.shape[1]), "tokens": int(calibration_ids.numel())}
+        else:
+            if len(statistics) != geometry.num_layers:
+                raise ValueError(f"statistics cover {len(statistics)} layers, the model has {geometry.num_layers}")
+            if cfg.mlp_refit and statistics[0].down_input_autocorr is None:
+                raise ValueError("mlp_refit needs statistics collected with mlp_refit=True (the down_proj autocorrelation)")
+            layer_stats = enumerate(statistics)
+            calibration = dict(self.last_calibration or {"dataset": "reused statistics"})
+        calibration["seed"] = cfg.seed
+
+        compressed = self._empty_compressed_model(adapter, model, dims, self._record(model, dims, calibration))
+        kept: list[LayerStatistics] = []
+        start = time.perf_counter()
+        solve_time = 0.0
+        originals, targets = adapter.layers(model), adapter.layers(compressed)
+        for idx, stats in layer_stats:
+            t0 = time.perf_counter()
+            solver_device = cfg.device or stats.attn_input_autocorr.device
+            new_entries = solve_layer(adapter, originals[idx], stats.to(solver_device), geometry, dims[idx], cfg)
+            state = dict(originals[idx].state_dict())
+            state.update(new_entries)
+            targets[idx].load_state_dict(state, strict=True)
+            if keep_statistics:
+                kept.append(stats)
+            solve_time += time.perf_counter() - t0
         self._copy_outside_layers(model, compressed)
         total = time.perf_counter() - start
         self.last_timings = {"total_s": total, "solve_s": solve_time, "calibration_forward_s": total - solve_time}
+        if keep_statistics:
+            self.last_statistics = kept
+        self.last_calibration = calibration
         return compressed.eval()
 
-    def _record(self, model, dims: list[LayerDims], calibration_ids, source: str) -> dict[str, Any]:
+    def _calibration_ids(self, tokenizer, calibration_ids) -> tuple[torch.Tensor, str]:
+        cfg = self.config
+        if calibration_ids is None:
+            ids = calibration_windows(tokenizer, cfg.dataset, cfg.nsamples, cfg.seqlen, cfg.seed)
+            return ids, describe_source(cfg.dataset)
+        ids = torch.as_tensor(calibration_ids, dtype=torch.long)
+        if ids.dim() != 2:
+            raise ValueError("calibration_ids must have shape (num_windows, seqlen)")
+        return ids, "user-provided token ids"
+
+    def _record(self, model, dims: list[LayerDims], calibration: dict) -> dict[str, Any]:
         cfg = self.config
         config_dict = cfg.to_dict()
-        config_dict["dataset"] = source  # never embed user text in the checkpoint
+        config_dict["dataset"] = calibration["dataset"]  # never embed user text in the checkpoint
         per_layer = lambda name: [getattr(d, name) for d in dims]  # noqa: E731
         return {
             "method": "a3",
@@ -120,13 +140,7 @@ class A3Compressor(OptimumQuantizer):
             "ratio": cfg.ratio,
             "components": list(cfg.components),
             "dims": {name: per_layer(name) for name in ("head_dim_qk", "head_dim_vo", "intermediate_size")},
-            "calibration": {
-                "dataset": source,
-                "nsamples": int(calibration_ids.shape[0]),
-                "seqlen": int(calibration_ids.shape[1]),
-                "tokens": int(calibration_ids.numel()),
-                "seed": cfg.seed,
-            },
+            "calibration": calibration,
             "a3_config": config_dict,
         }
 

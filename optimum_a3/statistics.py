@@ -117,6 +117,17 @@ def stream_layer_statistics(model: nn.Module, adapter, input_ids: torch.Tensor, 
     geometry = adapter.geometry(model)
     layers = adapter.layers(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()  # no dropout in the statistics
+    try:
+        yield from _stream(model, adapter, layers, geometry, input_ids, batch_size, want_head_autocorr,
+                           want_down_autocorr, device, progress)
+    finally:
+        model.train(was_training)
+
+
+def _stream(model, adapter, layers, geometry, input_ids, batch_size, want_head_autocorr, want_down_autocorr,
+            device, progress):
     with torch.inference_mode():
         inputs = capture_first_layer_inputs(model, layers, input_ids, batch_size, device)
         bar = tqdm(total=len(layers), desc="A3 calibration", unit="layer", disable=not progress)

@@ -12,11 +12,11 @@ from optimum_a3.baselines import (
     collect_input_gram,
     compress_plain_svd,
     compress_svd_llm,
-    count_decoder_linear_params,
     plain_svd_factors,
     svd_llm_factors,
     svd_rank,
 )
+from optimum_a3.budget import decoder_linear_params
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -139,7 +139,7 @@ def test_compress_model(method):
     model = tiny_llama()
     calibration = random_token_windows(4, 32)
     before = snapshot(model)
-    dense_params = count_decoder_linear_params(model)
+    dense_params = decoder_linear_params(model)
     assert dense_params == sum(p.numel() for layer in model.model.layers for p in layer.parameters() if p.dim() == 2)
 
     ratio = 0.3
@@ -151,7 +151,7 @@ def test_compress_model(method):
             low = getattr(parent, name)
             assert isinstance(low, LowRankLinear)
             assert low.rank == svd_rank(low.in_features, low.out_features, ratio)
-    removed = 1 - count_decoder_linear_params(compressed) / dense_params
+    removed = 1 - decoder_linear_params(compressed) / dense_params
     assert removed == pytest.approx(ratio, abs=0.03)  # floor() on tiny dims costs a little extra
 
     with torch.no_grad():

@@ -227,3 +227,44 @@ def test_compressor_dict_round_trip():
     assert again.config == cfg
     with pytest.raises(A3ConfigError, match="unknown"):
         A3Config.from_dict({"ratio": 0.2, "bits": 4})
+
+
+def test_reused_statistics_give_identical_checkpoint_weights():
+    model = tiny_llama()
+    first = A3Compressor(A3Config(ratio=0.25))
+    a = first.compress(model, calibration_ids=CALIB, progress=False, keep_statistics=True)
+    assert len(first.last_statistics) == 2
+    again = A3Compressor(A3Config(ratio=0.25)).compress(model, statistics=first.last_statistics, progress=False)
+    sa, sb = a.state_dict(), again.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert again.config.a3_compression["calibration"]["dataset"] == "reused statistics"
+
+
+def test_training_mode_is_restored_and_dropout_not_used():
+    model = tiny_llama(attention_dropout=0.5).train()
+    small = compress(model, ratio=0.0)
+    assert model.training
+    torch.testing.assert_close(logits(small), logits(model.eval()), rtol=1e-5, atol=1e-5)
+
+
+def test_sdpa_matches_eager_when_qk_and_vo_dims_differ():
+    model = tiny_llama()
+    small = compress(model, head_dim_qk=10, head_dim_vo=7, intermediate_size=50)
+    small.config._attn_implementation = "sdpa"
+    sdpa = logits(small)
+    small.config._attn_implementation = "eager"
+    torch.testing.assert_close(sdpa, logits(small), rtol=1e-5, atol=1e-5)
+    wider_vo = compress(model, head_dim_qk=6, head_dim_vo=12, intermediate_size=50)
+    wider_vo.config._attn_implementation = "sdpa"
+    sdpa = logits(wider_vo)
+    wider_vo.config._attn_implementation = "eager"
+    torch.testing.assert_close(sdpa, logits(wider_vo), rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_refit_lowers_mlp_output_error_on_calibration_data():
+    model = tiny_llama()
+    plain = compress(model, ratio=0.0, components=["mlp"], intermediate_size=40)
+    refit = compress(model, ratio=0.0, components=["mlp"], intermediate_size=40, mlp_refit=True)
+    ref = logits(model, CALIB)
+    err = lambda m: (logits(m, CALIB) - ref).pow(2).mean().item()  # noqa: E731
+    assert err(refit) < err(plain)

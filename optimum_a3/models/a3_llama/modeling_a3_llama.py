@@ -122,6 +122,17 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return attn_output, attn_weights
 
 
+def pad_to_common_head_dim(query, key, value):
+    """Zero-pad q/k or v on the last dim so all three share one head dim (results are unchanged)."""
+    qk_dim, vo_dim = query.shape[-1], value.shape[-1]
+    if qk_dim < vo_dim:
+        query = nn.functional.pad(query, (0, vo_dim - qk_dim))
+        key = nn.functional.pad(key, (0, vo_dim - qk_dim))
+    elif vo_dim < qk_dim:
+        value = nn.functional.pad(value, (0, qk_dim - vo_dim))
+    return query, key, value
+
+
 class A3LlamaAttention(nn.Module):
     """Multi-headed (GQA) attention with reduced q/k and v/o head dims and kept rotary pairs."""
 
@@ -175,6 +186,10 @@ class A3LlamaAttention(nn.Module):
         attention_interface: Callable = eager_attention_forward
         if self.config._attn_implementation != "eager":
             attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+            # Fused SDPA kernels need one head dim for q, k and v; zero-padding the smaller side is exact
+            # (zeros add nothing to q·k, and padded value columns are sliced off) and several times
+            # faster on CPU than the fallback. The cache keeps the unpadded, smaller tensors.
+            query_states, key_states, value_states = pad_to_common_head_dim(query_states, key_states, value_states)
 
         attn_output, attn_weights = attention_interface(
             self,
@@ -187,7 +202,7 @@ class A3LlamaAttention(nn.Module):
             sliding_window=self.sliding_window,
             **kwargs,
         )
-        attn_output = attn_output.reshape(batch, seq_len, -1).contiguous()
+        attn_output = attn_output[..., : self.head_dim_vo].reshape(batch, seq_len, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
 
 
