@@ -1,17 +1,45 @@
-"""Command line: ``optimum-a3 compress | eval``."""
+"""Command line: ``optimum-a3 compress | eval | push``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import textwrap
 import time
 
-EXAMPLES = """examples:
+COMPRESS_EXAMPLES = """\
+  # compress the embedded offline SmolLM2 by 20%, report perplexity before and after, save the checkpoint
   optimum-a3 compress smollm2-offline --ratio 0.2 --output outputs/smollm2-a3-20 --eval wikitext2
-  optimum-a3 compress meta-llama/Llama-3.1-8B --ratio 0.2 --output llama31-a3-20 --dataset hub:DKYoon/SlimPajama-6B::train
-  optimum-a3 eval outputs/smollm2-a3-20 --source wikitext2 --max-windows 8
+
+  # calibrate on a Hub dataset and publish the result (repo created if needed, one commit, model card included)
+  optimum-a3 compress meta-llama/Llama-3.1-8B --ratio 0.2 --output llama31-a3-20 \\
+      --dataset hub:DKYoon/SlimPajama-6B::train --push-to-hub my-org/Llama-3.1-8B-A3-20
 """
+EVAL_EXAMPLES = """\
+  # perplexity of a saved checkpoint (a directory, a Hub id or a .gguf file)
+  optimum-a3 eval outputs/smollm2-a3-20 --source wikitext2 --eval-windows 8
+"""
+PUSH_EXAMPLES = """\
+  # publish a saved checkpoint
+  optimum-a3 push outputs/smollm2-a3-20 my-org/SmolLM2-135M-A3-20 --private
+"""
+HUB_NOTE = """
+The Hub token is --token, else HF_TOKEN, else the one saved by `hf auth login`; HF_ENDPOINT selects the Hub.
+A compressed model loads anywhere with plain transformers:
+  AutoModelForCausalLM.from_pretrained("my-org/SmolLM2-135M-A3-20", trust_remote_code=True)
+"""
+EXAMPLES = "examples:\n" + COMPRESS_EXAMPLES + "\n" + EVAL_EXAMPLES + "\n" + PUSH_EXAMPLES + HUB_NOTE
+
+DESCRIPTION = """\
+Compress causal LMs with A3 (analytical low-rank, arXiv 2505.12942) into smaller dense models,
+evaluate them, and publish them on the Hugging Face Hub. Run `optimum-a3 COMMAND --help` for a
+command's options."""
+
+
+def _wrap(text: str) -> str:
+    return textwrap.fill(" ".join(text.split()), width=100)
 
 
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
@@ -20,43 +48,88 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batch-size", type=int, default=1, help="windows per forward pass")
 
 
+def _add_hub_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument("--token", default=None,
+                   help="Hub write token (default: HF_TOKEN or the saved `hf auth login` token)")
+    p.add_argument("--private", action="store_true", help="create the repository as private (if it does not exist)")
+    p.add_argument("--commit-message", default=None, help="message of the upload commit")
+    p.add_argument("--license", default=None,
+                   help="license of the model card (default: the base model's when it can be found)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="optimum-a3",
-        description="Compress causal LMs with A3 (analytical low-rank, arXiv 2505.12942) into smaller dense models.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="optimum-a3", description=DESCRIPTION, epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    c = sub.add_parser("compress", help="compress a model and save it (reloadable with trust_remote_code=True)",
-                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c = sub.add_parser(
+        "compress", help="compress a model and save it (reloadable with trust_remote_code=True)",
+        description=_wrap("Compress MODEL with A3 and save the result to --output: safetensors weights, config "
+                          "with auto_map, the self-contained modeling code and the tokenizer. Give --ratio, or "
+                          "explicit dims. With --push-to-hub the checkpoint is then uploaded with a model card."),
+        epilog="examples:\n" + COMPRESS_EXAMPLES + HUB_NOTE, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     c.add_argument("model", help="hub id, local directory, .gguf file, or 'smollm2-offline' (the embedded default)")
     c.add_argument("--output", "-o", required=True, help="directory to write (must be empty unless --overwrite)")
-    c.add_argument("--ratio", type=float, help="fraction of decoder-layer parameters to remove, in [0, 1)")
-    c.add_argument("--head-dim-qk", type=int, help="explicit q/k head dim (even with RoPE)")
-    c.add_argument("--head-dim-vo", type=int, help="explicit v/o head dim")
-    c.add_argument("--intermediate-size", type=int, help="explicit MLP width")
-    c.add_argument("--components", default="qk,ov,mlp", help="comma-separated subset of qk,ov,mlp (default all)")
-    c.add_argument("--dataset", default="wikipedia-offline",
-                   help="calibration text: wikipedia-offline (default), a .txt/.jsonl/.json/.parquet file, "
-                        "or hub:NAME[:CONFIG[:SPLIT]]")
-    c.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128, the paper's)")
-    c.add_argument("--seqlen", type=int, default=2048, help="calibration window length in tokens (default 2048)")
-    c.add_argument("--batch-size", type=int, default=1, help="calibration windows per forward pass")
-    c.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling")
-    c.add_argument("--mlp-refit", action="store_true", help="least-squares refit of down_proj (beyond the paper)")
-    c.add_argument("--device", default=None, help="device for calibration and solvers (default: the model's)")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    c.add_argument("--eval", dest="eval_source", default=None, metavar="SOURCE",
-                   help="also report perplexity before and after on SOURCE (e.g. wikitext2, wikipedia-offline:heldout)")
-    _add_eval_options(c)
+    c.add_argument("--device", default=None, help="device for calibration and solvers (default: the model's)")
+    size = c.add_argument_group("how much to compress")
+    size.add_argument("--ratio", type=float, help="fraction of decoder-layer parameters to remove, in [0, 1)")
+    size.add_argument("--head-dim-qk", type=int, help="explicit q/k head dim (even with RoPE)")
+    size.add_argument("--head-dim-vo", type=int, help="explicit v/o head dim")
+    size.add_argument("--intermediate-size", type=int, help="explicit MLP width")
+    size.add_argument("--components", default="qk,ov,mlp", help="comma-separated subset of qk,ov,mlp (default all)")
+    size.add_argument("--method", choices=["default", "paper"], default="default",
+                      help="'paper' reproduces arXiv 2505.12942 exactly; 'default' is the best measured (README)")
+    size.add_argument("--allocation", choices=["uniform", "mixed"], default=None,
+                      help="same dims in every layer, or per-layer dims under the same budget")
+    size.add_argument("--mlp-refit", action=argparse.BooleanOptionalAction, default=None,
+                      help="least-squares refit of down_proj after channel selection (beyond the paper)")
+    size.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
+                      help="calibrate layer l on the already compressed layers < l (beyond the paper)")
+    calib = c.add_argument_group("calibration data")
+    calib.add_argument("--dataset", default="wikipedia-offline",
+                       help="calibration text: wikipedia-offline (default), a .txt/.jsonl/.json/.parquet file, "
+                            "or hub:NAME[:CONFIG[:SPLIT]]")
+    calib.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128, the paper's)")
+    calib.add_argument("--seqlen", type=int, default=2048, help="calibration window length in tokens (default 2048)")
+    calib.add_argument("--batch-size", type=int, default=1, help="calibration windows per forward pass")
+    calib.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling")
+    ev = c.add_argument_group("evaluation (recorded in the checkpoint and its model card)")
+    ev.add_argument("--eval", dest="eval_source", default=None, metavar="SOURCE",
+                    help="also report perplexity before and after on SOURCE "
+                         "(e.g. wikitext2, wikipedia-offline:heldout)")
+    _add_eval_options(ev)
+    hub = c.add_argument_group("publishing")
+    hub.add_argument("--push-to-hub", metavar="REPO", default=None,
+                     help="after saving, upload the checkpoint to the Hub repo REPO (namespace/name); the token is "
+                          "checked before compressing")
+    _add_hub_options(hub)
 
-    e = sub.add_parser("eval", help="perplexity of a model (the GPTQ / SVD-LLM / A3 protocol)")
+    e = sub.add_parser("eval", help="perplexity of a model (the GPTQ / SVD-LLM / A3 protocol)",
+                       description=_wrap("Perplexity of MODEL on non-overlapping windows of SOURCE (the GPTQ / "
+                                         "SVD-LLM / A3 protocol). Compressed checkpoints load with "
+                                         "trust_remote_code=True."),
+                       epilog="examples:\n" + EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("model", help="compressed checkpoint directory, hub id, .gguf file or 'smollm2-offline'")
     e.add_argument("--source", default="wikitext2",
                    help="wikitext2 (local ../shared file first, then datasets), wikitext2:PATH, a text file, "
                         "or wikipedia-offline:heldout")
     _add_eval_options(e)
+
+    p = sub.add_parser("push", help="upload a saved compressed checkpoint to the Hub",
+                       description=_wrap("Upload the checkpoint in DIRECTORY (written by `optimum-a3 compress` or "
+                                         "A3Compressor.save) to the Hub repo REPO in one commit: weights, config, "
+                                         "modeling code, tokenizer and a model card rendered from the compression "
+                                         "record (a README.md you wrote yourself is kept). The repo is created if "
+                                         "needed; nothing is published if the push fails."),
+                       epilog="examples:\n" + PUSH_EXAMPLES + HUB_NOTE,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("directory", help="checkpoint directory")
+    p.add_argument("repo_id", metavar="REPO", help="Hub repo id, namespace/name")
+    _add_hub_options(p)
     return parser
 
 
@@ -67,8 +140,29 @@ def _ppl(model, tokenizer, source, args) -> float:
                                max_windows=args.eval_windows).ppl
 
 
+def _check_model_spec(spec: str) -> None:
+    """Refuse early a model that is neither an existing path nor a valid Hub id (no network involved)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from .loading import DEFAULT_MODEL, ModelLoadError
+
+    if spec == DEFAULT_MODEL or os.path.exists(spec):
+        return
+    if spec.endswith(".gguf"):
+        raise ModelLoadError(f"no such GGUF file: {spec}")
+    try:
+        if spec.startswith((".", "/", "~")):
+            raise HFValidationError(spec)
+        validate_repo_id(spec)
+    except HFValidationError:
+        raise ModelLoadError(f"{spec}: no such file or directory (and not a Hub repo id like namespace/name)") from None
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def run_compress(args) -> dict:
-    from .budget import decoder_linear_params, kv_cache_bytes_per_token, total_params
     from .compressor import A3Compressor
     from .config import A3Config
     from .loading import load_model_and_tokenizer
@@ -78,9 +172,16 @@ def run_compress(args) -> dict:
         ratio=args.ratio, head_dim_qk=args.head_dim_qk, head_dim_vo=args.head_dim_vo,
         intermediate_size=args.intermediate_size, components=tuple(s.strip() for s in args.components.split(",")),
         dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size,
-        seed=args.seed, mlp_refit=args.mlp_refit, device=args.device,
+        seed=args.seed, method=args.method, allocation=args.allocation, mlp_refit=args.mlp_refit,
+        sequential=args.sequential, device=args.device,
     )
     check_output_dir(args.output, args.overwrite)  # before any expensive work
+    _check_model_spec(args.model)
+    if args.push_to_hub:
+        from .hub import check_hub_access
+
+        user = check_hub_access(args.push_to_hub, token=args.token)  # a bad token fails now, not after compressing
+        _log(f"Hub token accepted (user {user}); will push to {args.push_to_hub}")
     model, tokenizer = load_model_and_tokenizer(args.model)
     summary = {"model": args.model, "output": args.output}
     if args.eval_source:
@@ -96,36 +197,70 @@ def run_compress(args) -> dict:
         small.config.a3_compression["evaluation"] = {
             "source": args.eval_source, "seqlen": args.eval_seqlen, "max_windows": args.eval_windows,
             "ppl_dense": summary["ppl_before"], "ppl_compressed": summary["ppl_after"]}
-    summary.update(
-        decoder_linear_params=[decoder_linear_params(model), decoder_linear_params(small)],
-        total_params=[total_params(model), total_params(small)],
-        kv_cache_bytes_per_token=[kv_cache_bytes_per_token(model), kv_cache_bytes_per_token(small)],
-    )
+    summary.update(small.config.a3_compression["sizes"])  # [base, compressed], counted by the compressor
     compressor.save(small, args.output, tokenizer=tokenizer, overwrite=args.overwrite)
+    if args.push_to_hub:
+        summary["hub"] = _push(args.output, args.push_to_hub, args, after_save=True)
     return summary
 
 
 def run_eval(args) -> dict:
     from .loading import load_model_and_tokenizer
 
+    _check_model_spec(args.model)
     model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=True)
     return {"model": args.model, "source": args.source, "ppl": _ppl(model, tokenizer, args.source, args)}
 
 
+def _push(directory: str, repo_id: str, args, after_save: bool = False) -> dict:
+    from .hub import HubPushError, check_checkpoint_dir, push_folder_to_hub
+
+    check_checkpoint_dir(directory)
+    files = [os.path.join(root, name) for root, _, names in os.walk(directory) for name in names]
+    megabytes = sum(os.path.getsize(f) for f in files) / 1e6
+    _log(f"pushing {directory} ({len(files)} files, {megabytes:.1f} MB) to {repo_id} ...")
+    try:
+        info = push_folder_to_hub(directory, repo_id, token=args.token, private=args.private or None,
+                                  commit_message=args.commit_message, license=args.license)
+    except HubPushError as exc:
+        if after_save:
+            raise HubPushError(f"{exc} (the checkpoint is saved in {directory}: retry with "
+                               f"`optimum-a3 push {directory} {repo_id}`)") from exc
+        raise
+    _log(f"pushed: {info.commit_url}")
+    return {"repo_id": info.repo_url.repo_id if info.repo_url else repo_id, "commit_url": info.commit_url,
+            "commit": info.oid}
+
+
+def run_push(args) -> dict:
+    return {"directory": args.directory, **_push(args.directory, args.repo_id, args)}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # argparse exits 2 with usage on bad syntax
+
+    from huggingface_hub.utils import HFValidationError
+
     from .adapters import UnsupportedModelError
     from .calibration import CalibrationDataError
     from .config import A3ConfigError
     from .data import DataSourceError
+    from .hub import CheckpointError, HubPushError
     from .loading import ModelLoadError
+    from .model_card import ModelCardError
     from .saving import OutputDirError
 
-    args = build_parser().parse_args(argv)
+    commands = {"compress": run_compress, "eval": run_eval, "push": run_push}
     try:
-        result = run_compress(args) if args.command == "compress" else run_eval(args)
+        result = commands[args.command](args)
     except (A3ConfigError, UnsupportedModelError, CalibrationDataError, DataSourceError, ModelLoadError,
-            OutputDirError, OSError) as exc:
-        print(f"optimum-a3 {args.command}: error: {exc}", file=sys.stderr)
+            OutputDirError, CheckpointError, HubPushError, ModelCardError, HFValidationError, OSError) as exc:
+        print(f"optimum-a3 {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))
     return 0

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -11,15 +13,20 @@ from optimum.quantization_base import OptimumQuantizer
 from torch import nn
 
 from .adapters import adapter_for
-from .budget import LayerDims
+from .allocation import layer_tracks, mixed_dims
+from .budget import LayerDims, decoder_linear_params, kv_cache_bytes_per_token, total_params
 from .calibration import calibration_windows
 from .config import A3Config
 from .data import describe_source
 from .layer_solver import solve_layer
+from .model_card import write_model_card
 from .models.a3_llama import A3LlamaConfig, A3LlamaForCausalLM
 from .saving import check_output_dir, write_atomically
 from .statistics import LayerStatistics, stream_layer_statistics
 from .version import __version__
+
+# Below this many calibration tokens per MLP channel the down_proj refit is skipped (see compress).
+MIN_TOKENS_PER_CHANNEL_FOR_REFIT = 2
 
 # save_pretrained writes `auto_map` and copies the self-contained modeling files for these classes.
 A3LlamaConfig.register_for_auto_class()
@@ -51,6 +58,7 @@ class A3Compressor(OptimumQuantizer):
         self.last_timings: dict[str, float] = {}
         self.last_statistics: list[LayerStatistics] | None = None
         self.last_calibration: dict | None = None
+        self.last_effective_config: A3Config | None = None
         self._model = None
         self._tokenizer = None
 
@@ -74,25 +82,38 @@ class A3Compressor(OptimumQuantizer):
         geometry = adapter.geometry(model)
         dims = cfg.layer_dims(geometry.num_layers, geometry.head_dim, geometry.intermediate_size, rope=geometry.rope)
         torch.manual_seed(cfg.seed)
+        tokens = statistics[0].num_tokens if statistics else (
+            None if calibration_ids is None else int(torch.as_tensor(calibration_ids).numel()))
+        if tokens is None and cfg.mlp_refit:
+            tokens = cfg.nsamples * cfg.seqlen
+        cfg = self._without_ill_posed_refit(cfg, tokens, geometry)
+        propagate = {} if cfg.sequential else None
         if statistics is None:
             calibration_ids, source = self._calibration_ids(tokenizer, calibration_ids)
             layer_stats = stream_layer_statistics(
                 model, adapter, calibration_ids, batch_size=cfg.batch_size,
                 want_head_autocorr=geometry.is_mha and "ov" in cfg.components,
                 want_down_autocorr=cfg.mlp_refit, device=cfg.device, progress=progress,
+                propagate=propagate,
             )
             calibration = {"dataset": source, "nsamples": int(calibration_ids.shape[0]),
                            "seqlen": int(calibration_ids.shape[1]), "tokens": int(calibration_ids.numel())}
         else:
             if len(statistics) != geometry.num_layers:
                 raise ValueError(f"statistics cover {len(statistics)} layers, the model has {geometry.num_layers}")
+            if cfg.sequential:
+                raise ValueError("sequential calibration cannot reuse statistics: they depend on the compressed layers")
             if cfg.mlp_refit and statistics[0].down_input_autocorr is None:
                 raise ValueError("mlp_refit needs statistics collected with mlp_refit=True (the down_proj autocorrelation)")
             layer_stats = enumerate(statistics)
             calibration = dict(self.last_calibration or {"dataset": "reused statistics"})
         calibration["seed"] = cfg.seed
 
-        compressed = self._empty_compressed_model(adapter, model, dims, self._record(model, dims, calibration))
+        if cfg.allocation == "mixed":
+            # Every layer's statistics are needed before any dim can be chosen.
+            layer_stats = list(layer_stats)
+            dims = self._mixed_dims(adapter, model, geometry, layer_stats, dims)
+        compressed = self._empty_compressed_model(adapter, model, dims, self._record(model, dims, calibration, cfg))
         kept: list[LayerStatistics] = []
         start = time.perf_counter()
         solve_time = 0.0
@@ -104,16 +125,42 @@ class A3Compressor(OptimumQuantizer):
             state = dict(originals[idx].state_dict())
             state.update(new_entries)
             targets[idx].load_state_dict(state, strict=True)
+            if propagate is not None:
+                propagate[idx] = targets[idx]
             if keep_statistics:
                 kept.append(stats)
             solve_time += time.perf_counter() - t0
         self._copy_outside_layers(model, compressed)
+        # Counted on both models; the base figures cannot be derived from the checkpoint later.
+        compressed.config.a3_compression["sizes"] = {
+            name: [count(model), count(compressed)] for name, count in (
+                ("decoder_linear_params", decoder_linear_params), ("total_params", total_params),
+                ("kv_cache_bytes_per_token", kv_cache_bytes_per_token))}
         total = time.perf_counter() - start
         self.last_timings = {"total_s": total, "solve_s": solve_time, "calibration_forward_s": total - solve_time}
         if keep_statistics:
             self.last_statistics = kept
         self.last_calibration = calibration
+        self.last_effective_config = cfg
         return compressed.eval()
+
+    @staticmethod
+    def _without_ill_posed_refit(cfg: A3Config, tokens: int | None, geometry) -> A3Config:
+        """The refit solves an intermediate-sized least-squares problem: with fewer than two calibration
+        tokens per MLP channel it overfits (measured: worse than no refit), so it is skipped, loudly."""
+        if cfg.mlp_refit and tokens is not None and tokens < MIN_TOKENS_PER_CHANNEL_FOR_REFIT * geometry.intermediate_size:
+            warnings.warn(
+                f"mlp_refit skipped: {tokens} calibration tokens < {MIN_TOKENS_PER_CHANNEL_FOR_REFIT} x intermediate_size "
+                f"({geometry.intermediate_size}); use more calibration data to enable it", stacklevel=3)
+            return dataclasses.replace(cfg, mlp_refit=False)
+        return cfg
+
+    def _mixed_dims(self, adapter, model, geometry, layer_stats, uniform: list[LayerDims]) -> list[LayerDims]:
+        tracks = []
+        for idx, stats in layer_stats:
+            weights = {name: lin.weight.detach().to(torch.float64).T for name, lin in adapter.linears(adapter.layers(model)[idx]).items()}
+            tracks += layer_tracks(idx, weights, stats, geometry, self.config.components)
+        return mixed_dims(tracks, uniform)
 
     def _calibration_ids(self, tokenizer, calibration_ids) -> tuple[torch.Tensor, str]:
         cfg = self.config
@@ -125,8 +172,7 @@ class A3Compressor(OptimumQuantizer):
             raise ValueError("calibration_ids must have shape (num_windows, seqlen)")
         return ids, "user-provided token ids"
 
-    def _record(self, model, dims: list[LayerDims], calibration: dict) -> dict[str, Any]:
-        cfg = self.config
+    def _record(self, model, dims: list[LayerDims], calibration: dict, cfg: A3Config) -> dict[str, Any]:
         config_dict = cfg.to_dict()
         config_dict["dataset"] = calibration["dataset"]  # never embed user text in the checkpoint
         per_layer = lambda name: [getattr(d, name) for d in dims]  # noqa: E731
@@ -138,6 +184,10 @@ class A3Compressor(OptimumQuantizer):
             "base_model": getattr(model.config, "_name_or_path", None) or None,
             "base_model_type": model.config.model_type,
             "ratio": cfg.ratio,
+            "method": cfg.method,
+            "allocation": cfg.allocation,
+            "mlp_refit": cfg.mlp_refit,
+            "sequential": cfg.sequential,
             "components": list(cfg.components),
             "dims": {name: per_layer(name) for name in ("head_dim_qk", "head_dim_vo", "intermediate_size")},
             "calibration": calibration,
@@ -183,8 +233,18 @@ class A3Compressor(OptimumQuantizer):
             model.save_pretrained(tmp, max_shard_size=max_shard_size)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
+            write_model_card(model, tmp)
 
         return write_atomically(str(save_dir), writer, overwrite=overwrite)
+
+    def push_to_hub(self, model: nn.Module, repo_id: str, *, tokenizer=None, **kwargs):
+        """Upload ``model`` (weights, config with ``auto_map``, modeling files, tokenizer, model card) to
+        ``repo_id`` in one commit; keyword arguments as :func:`optimum_a3.hub.push_to_hub` (``commit_message``,
+        ``private``, ``token``, ``revision``, ``create_pr``, ``max_shard_size``, ``license``, ...).
+        Returns the ``CommitInfo``."""
+        from .hub import push_to_hub
+
+        return push_to_hub(model, repo_id, tokenizer=tokenizer, **kwargs)
 
     # ------------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict:

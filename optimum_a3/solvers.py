@@ -106,6 +106,39 @@ def solve_qk_svd(w_q: torch.Tensor, w_k: torch.Tensor, r_x: torch.Tensor, num_he
 
 
 # --------------------------------------------------------------------------------------------- OV
+def _ov_mha_core(w_o, g_z, num_heads, eig_floor):
+    """``G_z,h^{-1/2}`` and ``SVD(G_z,h^{1/2} W_o,h)`` for every head."""
+    hd = g_z.shape[-1]
+    o_heads = w_o.to(torch.float64).reshape(num_heads, hd, -1)              # (H, hd, out)
+    root, inv_root = psd_roots(g_z, eig_floor)
+    return (inv_root, *torch.linalg.svd(root @ o_heads, full_matrices=False))
+
+
+def _ov_gqa_core(w_v, w_o, r_x, num_heads, num_kv_heads, eig_floor):
+    """``G_v^{-1/2}`` and ``SVD(G_v^{1/2} [W_o,h1 … W_o,hg])`` for every KV group."""
+    v_heads = _heads(w_v, num_kv_heads)                                     # (G, in, hd)
+    hd = v_heads.shape[-1]
+    group, d_out = num_heads // num_kv_heads, w_o.shape[1]
+    # (G, hd, group*out): the o_proj blocks of the group's query heads side by side
+    o_groups = w_o.to(torch.float64).reshape(num_kv_heads, group, hd, d_out).permute(0, 2, 1, 3)
+    o_groups = o_groups.reshape(num_kv_heads, hd, group * d_out)
+    root, inv_root = psd_roots(v_heads.transpose(-1, -2) @ r_x.to(torch.float64) @ v_heads, eig_floor)
+    return (inv_root, *torch.linalg.svd(root @ o_groups, full_matrices=False))
+
+
+def ov_error_spectrum(w_v, w_o, num_heads: int, num_kv_heads: int, r_x=None, g_z=None,
+                      eig_floor: float = DEFAULT_EIG_FLOOR) -> torch.Tensor:
+    """Squared singular values the OV solver would discard, shape (heads or groups, head_dim), descending.
+
+    Truncating to rank r leaves an output error energy of ``Σ_{i>=r} σ_i²`` per head (MHA, with
+    ``g_z``) or per KV group (GQA, with ``r_x``): the analytical residual of :func:`solve_ov_mha` /
+    :func:`solve_ov_gqa`.
+    """
+    if g_z is not None:
+        return _ov_mha_core(w_o, g_z, num_heads, eig_floor)[2].pow(2)
+    return _ov_gqa_core(w_v, w_o, r_x, num_heads, num_kv_heads, eig_floor)[2].pow(2)
+
+
 def solve_ov_mha(w_v: torch.Tensor, w_o: torch.Tensor, g_z: torch.Tensor, num_heads: int, rank: int,
                  eig_floor: float = DEFAULT_EIG_FLOOR) -> tuple[torch.Tensor, torch.Tensor]:
     """OV for MHA (§4a), per head with the attention-weighted statistics ``G_z,h`` of the o_proj input.
@@ -114,11 +147,8 @@ def solve_ov_mha(w_v: torch.Tensor, w_o: torch.Tensor, g_z: torch.Tensor, num_he
     ``w_o`` is (H*hd, out); ``g_z`` is (H, hd, hd). Returns ``(w_v_new (in, H*r), w_o_new (H*r, out))``.
     """
     v_heads = _heads(w_v, num_heads)                                        # (H, in, hd)
-    hd = v_heads.shape[-1]
-    _check_rank(rank, hd, "head_dim_vo")
-    o_heads = w_o.to(torch.float64).reshape(num_heads, hd, -1)              # (H, hd, out)
-    root, inv_root = psd_roots(g_z, eig_floor)
-    p, s, qh = torch.linalg.svd(root @ o_heads, full_matrices=False)
+    _check_rank(rank, v_heads.shape[-1], "head_dim_vo")
+    inv_root, p, s, qh = _ov_mha_core(w_o, g_z, num_heads, eig_floor)
     v_new = v_heads @ (inv_root @ p[..., :rank])
     o_new = s[..., :rank, None] * qh[..., :rank, :]
     return _unheads(v_new), o_new.reshape(num_heads * rank, -1)
@@ -134,16 +164,10 @@ def solve_ov_gqa(w_v: torch.Tensor, w_o: torch.Tensor, r_x: torch.Tensor, num_he
     Returns ``(w_v_new (in, G*r), w_o_new (H*r, out))``.
     """
     v_heads = _heads(w_v, num_kv_heads)                                     # (G, in, hd)
-    hd = v_heads.shape[-1]
-    _check_rank(rank, hd, "head_dim_vo")
+    _check_rank(rank, v_heads.shape[-1], "head_dim_vo")
     group = num_heads // num_kv_heads
     d_out = w_o.shape[1]
-    # (G, hd, group*out): the o_proj blocks of the group's query heads side by side
-    o_groups = w_o.to(torch.float64).reshape(num_kv_heads, group, hd, d_out).permute(0, 2, 1, 3)
-    o_groups = o_groups.reshape(num_kv_heads, hd, group * d_out)
-    gram_v = v_heads.transpose(-1, -2) @ r_x.to(torch.float64) @ v_heads
-    root, inv_root = psd_roots(gram_v, eig_floor)
-    p, s, qh = torch.linalg.svd(root @ o_groups, full_matrices=False)
+    inv_root, p, s, qh = _ov_gqa_core(w_v, w_o, r_x, num_heads, num_kv_heads, eig_floor)
     v_new = v_heads @ (inv_root @ p[..., :rank] * s[..., None, :rank])
     o_new = qh[..., :rank, :].reshape(num_kv_heads, rank, group, d_out).permute(0, 2, 1, 3)
     return _unheads(v_new), o_new.reshape(num_heads * rank, d_out)

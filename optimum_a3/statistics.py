@@ -28,6 +28,7 @@ class LayerStatistics:
     head_output_autocorr: torch.Tensor | None    # G_z (num_heads, head_dim, head_dim), MHA OV only
     down_input_autocorr: torch.Tensor | None     # R_d (intermediate, intermediate), refit only
     num_tokens: int
+    residual_sq_mean: float = float("nan")       # E||h||² of the residual stream entering the layer
 
     def check_finite(self, layer_idx: int) -> None:
         for name, value in vars(self).items():
@@ -109,10 +110,13 @@ def capture_first_layer_inputs(model: nn.Module, layers: nn.ModuleList, input_id
 
 def stream_layer_statistics(model: nn.Module, adapter, input_ids: torch.Tensor, batch_size: int = 1,
                             want_head_autocorr: bool = False, want_down_autocorr: bool = False,
-                            device=None, progress: bool = True) -> Iterator[tuple[int, LayerStatistics]]:
+                            device=None, progress: bool = True,
+                            propagate: dict | None = None) -> Iterator[tuple[int, LayerStatistics]]:
     """Yield ``(layer_idx, LayerStatistics)`` for every decoder layer, in order.
 
-    Statistics come from the ORIGINAL model: layer ``l`` sees the original outputs of layers ``< l``.
+    By default statistics come from the ORIGINAL model: layer ``l`` sees the original outputs of layers
+    ``< l``. For sequential calibration, put the compressed layer into ``propagate[l]`` after receiving
+    layer ``l``'s statistics: its outputs become layer ``l + 1``'s inputs.
     """
     geometry = adapter.geometry(model)
     layers = adapter.layers(model)
@@ -121,13 +125,13 @@ def stream_layer_statistics(model: nn.Module, adapter, input_ids: torch.Tensor, 
     model.eval()  # no dropout in the statistics
     try:
         yield from _stream(model, adapter, layers, geometry, input_ids, batch_size, want_head_autocorr,
-                           want_down_autocorr, device, progress)
+                           want_down_autocorr, device, progress, propagate)
     finally:
         model.train(was_training)
 
 
 def _stream(model, adapter, layers, geometry, input_ids, batch_size, want_head_autocorr, want_down_autocorr,
-            device, progress):
+            device, progress, propagate):
     with torch.inference_mode():
         inputs = capture_first_layer_inputs(model, layers, input_ids, batch_size, device)
         bar = tqdm(total=len(layers), desc="A3 calibration", unit="layer", disable=not progress)
@@ -139,18 +143,30 @@ def _stream(model, adapter, layers, geometry, input_ids, batch_size, want_head_a
             ]
             if want_head_autocorr:
                 hooks.append(adapter.attention_output_module(layer).register_forward_pre_hook(acc.attention_output))
+            residual_sq = 0.0
             try:
                 outputs = []
                 for hidden, kwargs in inputs:
-                    out = layer(hidden, **kwargs)
-                    outputs.append((out[0] if isinstance(out, tuple) else out, kwargs))
+                    residual_sq += hidden.to(torch.float64).pow(2).sum().item()
+                    outputs.append((_layer_output(layer, hidden, kwargs), kwargs))
             finally:
                 for h in hooks:
                     h.remove()
-            inputs = outputs
             stats = acc.result()
+            stats.residual_sq_mean = residual_sq / stats.num_tokens
             stats.check_finite(idx)
             bar.update(1)
             yield idx, stats
+            # Sequential calibration: the consumer may hand back the compressed layer, whose outputs
+            # then feed the next layer instead of the original ones.
+            replacement = propagate.pop(idx, None) if propagate is not None else None
+            if replacement is not None:
+                outputs = [(_layer_output(replacement, hidden, kwargs), kwargs) for hidden, kwargs in inputs]
+            inputs = outputs
         bar.close()
+
+
+def _layer_output(layer, hidden, kwargs):
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
 

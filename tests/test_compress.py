@@ -231,10 +231,10 @@ def test_compressor_dict_round_trip():
 
 def test_reused_statistics_give_identical_checkpoint_weights():
     model = tiny_llama()
-    first = A3Compressor(A3Config(ratio=0.25))
+    first = A3Compressor(A3Config(ratio=0.25, sequential=False))
     a = first.compress(model, calibration_ids=CALIB, progress=False, keep_statistics=True)
     assert len(first.last_statistics) == 2
-    again = A3Compressor(A3Config(ratio=0.25)).compress(model, statistics=first.last_statistics, progress=False)
+    again = A3Compressor(A3Config(ratio=0.25, sequential=False)).compress(model, statistics=first.last_statistics, progress=False)
     sa, sb = a.state_dict(), again.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert again.config.a3_compression["calibration"]["dataset"] == "reused statistics"
@@ -263,8 +263,21 @@ def test_sdpa_matches_eager_when_qk_and_vo_dims_differ():
 
 def test_mlp_refit_lowers_mlp_output_error_on_calibration_data():
     model = tiny_llama()
-    plain = compress(model, ratio=0.0, components=["mlp"], intermediate_size=40)
-    refit = compress(model, ratio=0.0, components=["mlp"], intermediate_size=40, mlp_refit=True)
+    plain = compress(model, components=["mlp"], intermediate_size=40, method="paper")
+    refit = compress(model, components=["mlp"], intermediate_size=40, mlp_refit=True, sequential=False)
     ref = logits(model, CALIB)
     err = lambda m: (logits(m, CALIB) - ref).pow(2).mean().item()  # noqa: E731
     assert err(refit) < err(plain)
+
+
+def test_refit_is_skipped_loudly_when_calibration_is_too_small():
+    model = tiny_llama()  # intermediate 96: needs >= 192 tokens
+    few = random_token_windows(2, 32, seed=3)
+    compressor = A3Compressor(A3Config(ratio=0.25, mlp_refit=True, sequential=False))
+    with pytest.warns(UserWarning, match="mlp_refit skipped: 64 calibration tokens"):
+        small = compressor.compress(model, calibration_ids=few, progress=False)
+    assert small.config.a3_compression["mlp_refit"] is False
+    plain = A3Compressor(A3Config(method="paper", ratio=0.25)).compress(model, calibration_ids=few, progress=False)
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in small.state_dict().items())
+    enough = A3Compressor(A3Config(ratio=0.25, mlp_refit=True, sequential=False))
+    assert enough.compress(model, calibration_ids=CALIB, progress=False).config.a3_compression["mlp_refit"] is True

@@ -1,0 +1,161 @@
+"""``optimum-a3 compress | eval | push``: happy paths on a tiny model and bad input (exit 2, one-line reason)."""
+
+import json
+import os
+
+import pytest
+import yaml
+
+from optimum_a3.cli import build_parser, main
+from hub_server import FakeHub, patch_client
+from tiny_models import tiny_llama, tiny_tokenizer
+
+WORDS = "the quick brown fox jumps over the lazy dog while seven wizards quietly vex a jovial king".split()
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A tiny Llama saved with save_pretrained, its tokenizer next to it, and a small calibration text file."""
+    root = tmp_path_factory.mktemp("cli")
+    tiny_llama().save_pretrained(root / "base")
+    tiny_tokenizer().save_pretrained(root / "base")
+    lines = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(12)) + f" {i}." for i in range(120)]
+    (root / "text.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def compressed_dir(base_dir):
+    """``optimum-a3 compress`` run once (happy path), with calibration and evaluation options."""
+    out = base_dir / "out"
+    text = str(base_dir / "text.txt")
+    code = main(["compress", str(base_dir / "base"), "--ratio", "0.25", "--output", str(out), "--dataset", text,
+                 "--nsamples", "4", "--seqlen", "32", "--eval", text, "--eval-seqlen", "32", "--eval-windows", "2"])
+    assert code == 0
+    return out
+
+
+def run(capsys, argv):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(err: str, command: str, match: str):
+    lines = [line for line in err.splitlines() if line.strip()]
+    error_lines = [line for line in lines if line.startswith(f"optimum-a3 {command}: error: ")]
+    assert len(error_lines) == 1, err
+    assert match in error_lines[0], error_lines[0]
+
+
+def test_compress_saves_a_checkpoint_with_its_record(compressed_dir):
+    files = set(os.listdir(compressed_dir))
+    assert {"model.safetensors", "config.json", "modeling_a3_llama.py", "tokenizer.json"} <= files
+    record = json.loads((compressed_dir / "config.json").read_text())["a3_compression"]
+    assert record["ratio"] == 0.25
+    assert record["calibration"]["nsamples"] == 4 and record["calibration"]["seqlen"] == 32
+    assert record["calibration"]["dataset"].endswith("text.txt")
+    ev = record["evaluation"]
+    assert ev["seqlen"] == 32 and ev["max_windows"] == 2 and ev["ppl_dense"] > 1 and ev["ppl_compressed"] > 1
+    dense, small = record["sizes"]["decoder_linear_params"]
+    assert small == pytest.approx(0.75 * dense, rel=0.02)
+
+
+def test_eval_reports_perplexity(compressed_dir, base_dir, capsys):
+    code, out, err = run(capsys, ["eval", str(compressed_dir), "--source", str(base_dir / "text.txt"),
+                                  "--eval-seqlen", "32", "--eval-windows", "2"])
+    assert code == 0, err
+    result = json.loads(out)
+    record = json.loads((compressed_dir / "config.json").read_text())["a3_compression"]
+    assert result["ppl"] == pytest.approx(record["evaluation"]["ppl_compressed"], rel=1e-5)
+
+
+def test_push_uploads_the_checkpoint_with_a_card(compressed_dir, tmp_path, monkeypatch, capsys):
+    with FakeHub(lifetime=120) as hub:
+        patch_client(monkeypatch, hub, str(tmp_path))
+        monkeypatch.setenv("HF_TOKEN", hub.token)  # the token from the environment, as users do
+        local_card = (compressed_dir / "README.md").read_text()  # save() writes the card
+        code, out, err = run(capsys, ["push", str(compressed_dir), "a3-tester/cli-tiny", "--private",
+                                      "--commit-message", "first upload"])
+        assert code == 0, err
+        assert json.loads(out)["commit"] == hub.repos["a3-tester/cli-tiny"].refs["main"]
+        assert hub.repos["a3-tester/cli-tiny"].private
+        assert hub.repos["a3-tester/cli-tiny"].commits[-1].summary == "first upload"
+        files = hub.files("a3-tester/cli-tiny")
+        assert (compressed_dir / "README.md").read_text() == local_card  # the local checkpoint is not modified
+        card = files["README.md"].decode()
+        meta = yaml.safe_load(card.split("---\n")[1])
+        assert {"a3", "low-rank"} <= set(meta["tags"]) and meta["metrics"] == ["perplexity"]
+        assert "| Base (dense) |" in card and "Perplexity on" in card  # the recorded evaluation is shown
+        assert "not recorded" not in card  # CLI runs record the base sizes
+
+        code, _, err = run(capsys, ["push", str(compressed_dir), "a3-tester/other", "--token", "hf_wrong"])
+        assert code == 2
+        assert_one_line_error(err, "push", "rejected the token (HTTP 401")
+        assert "a3-tester/other" not in hub.repos
+
+
+def test_compress_push_to_hub_checks_the_token_before_compressing(base_dir, tmp_path, monkeypatch, capsys):
+    with FakeHub(lifetime=120) as hub:
+        patch_client(monkeypatch, hub, str(tmp_path))
+        out = tmp_path / "never"
+        code, _, err = run(capsys, ["compress", str(base_dir / "base"), "--ratio", "0.25", "-o", str(out),
+                                    "--dataset", str(base_dir / "text.txt"), "--nsamples", "4", "--seqlen", "32",
+                                    "--push-to-hub", "a3-tester/x", "--token", "hf_wrong"])
+        assert code == 2
+        assert_one_line_error(err, "compress", "rejected the token")
+        assert not out.exists() and hub.repos == {}
+
+        code, stdout, err = run(capsys, ["compress", str(base_dir / "base"), "--ratio", "0.5", "-o", str(out),
+                                         "--dataset", str(base_dir / "text.txt"), "--nsamples", "4", "--seqlen", "32",
+                                         "--push-to-hub", "a3-tester/half", "--token", hub.token])
+        assert code == 0, err
+        assert json.loads(stdout)["hub"]["repo_id"] == "a3-tester/half"
+        assert "config.json" in hub.files("a3-tester/half") and (out / "config.json").is_file()
+
+
+@pytest.mark.parametrize("argv,command,match", [
+    (["compress", "{base}", "--ratio", "1.5", "-o", "{tmp}/o"], "compress", "ratio must be in [0, 1)"),
+    (["compress", "{base}", "--ratio", "0.2", "-o", "{busy}"], "compress", "is not empty"),
+    (["compress", "{tmp}/no-such-model", "--ratio", "0.2", "-o", "{tmp}/o"], "compress", "no such file or directory"),
+    (["compress", "{tmp}/missing.gguf", "--ratio", "0.2", "-o", "{tmp}/o"], "compress", "no such GGUF file"),
+    (["compress", "{base}", "--ratio", "0.2", "-o", "{tmp}/o", "--dataset", "{tmp}/nothing.txt"], "compress",
+     "unknown text source"),
+    (["eval", "{tmp}/no-such-checkpoint"], "eval", "no such file or directory"),
+    (["push", "{tmp}/no-such-checkpoint", "a3-tester/x"], "push", "is not a directory"),
+    (["push", "{base}", "a3-tester/x"], "push", "no `a3_compression` record"),
+])
+def test_bad_input_exits_2_with_one_line(argv, command, match, base_dir, tmp_path, capsys):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("x")
+    argv = [a.format(base=base_dir / "base", tmp=tmp_path, busy=busy) for a in argv]
+    code, out, err = run(capsys, argv)
+    assert code == 2 and out == ""
+    assert_one_line_error(err, command, match)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv", [["frobnicate"], [], ["compress", "model"], ["push", "dir"],
+                                  ["compress", "m", "-o", "x", "--ratio", "lots"]])
+def test_bad_syntax_exits_2_with_usage(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "usage: optimum-a3" in capsys.readouterr().err
+
+
+def test_help_documents_every_command(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for command in ("compress", "eval", "push"):
+        assert command in text
+    for sub in ("compress", "eval", "push"):
+        with pytest.raises(SystemExit):
+            main([sub, "--help"])
+        text = capsys.readouterr().out
+        assert "examples:" in text and f"optimum-a3 {sub}" in text
+    help_text = build_parser().format_help()
+    assert "trust_remote_code=True" in help_text and "HF_TOKEN" in help_text
