@@ -116,7 +116,14 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench_results")
+    p.add_argument("--report-only", action="store_true", help="rewrite the table and plot from --out/results.json")
     args = p.parse_args()
+    if args.report_only:
+        with open(os.path.join(args.out, "results.json")) as f:
+            saved = json.load(f)
+        write_report(argparse.Namespace(**saved["args"]), saved["rows"], saved["calib_forward_s"],
+                     saved["machine"]["torch_threads"])
+        return
 
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(args.seed)

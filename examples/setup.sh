@@ -2,7 +2,6 @@
 # Install optimum-a3 with its test and offline-demo assets on a fresh machine (CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install --quiet --upgrade pip
 # A local CPU wheel on this platform; an unpinned torch would pull a multi-GB CUDA build.
 python -m pip install --quiet "torch==2.13.0"
 python -m pip install --quiet -e ".[demo,bench,test]"

@@ -184,7 +184,7 @@ class A3Compressor(OptimumQuantizer):
             "base_model": getattr(model.config, "_name_or_path", None) or None,
             "base_model_type": model.config.model_type,
             "ratio": cfg.ratio,
-            "method": cfg.method,
+            "preset": cfg.method,
             "allocation": cfg.allocation,
             "mlp_refit": cfg.mlp_refit,
             "sequential": cfg.sequential,

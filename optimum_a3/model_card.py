@@ -357,7 +357,7 @@ def card_context(source: Any, *, repo_id: str | None = None, license: str | None
 
     evaluation = _evaluation(record.get("evaluation"))
     ratio = record.get("ratio")
-    preset = record.get("method")
+    preset = record.get("preset")
     load_id = repo_id or "path/to/this/checkpoint"
     model_name = repo_id.split("/")[-1] if repo_id else f"A3-compressed {base_display}"
     return {
@@ -371,11 +371,12 @@ def card_context(source: Any, *, repo_id: str | None = None, license: str | None
         "paper": PAPER,
         "paper_url": PAPER_URL,
         "library_version": record.get("library_version") or __version__,
-        "preset": preset if preset and preset != "a3" else None,
+        "preset": preset,
         "ratio": ratio,
         "ratio_text": f"{100 * float(ratio):g}%" if ratio is not None else "",
         "components_text": ", ".join(f"{COMPONENT_LABELS[c][0]} (`{c}`)" for c in components if c in COMPONENT_LABELS),
         "allocation": record.get("allocation"),
+        "sequential": record.get("sequential"),
         "mlp_refit": record.get("mlp_refit", (record.get("a3_config") or {}).get("mlp_refit")),
         "num_layers": n,
         "dims": rows,

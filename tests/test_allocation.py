@@ -1,19 +1,14 @@
 """Mixed-rank allocation (method page §6): exact budget, uniform on identical layers, reload."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 
 from optimum_a3 import A3Compressor, A3Config
 from optimum_a3.allocation import Track, greedy_allocate, mixed_dims
 from optimum_a3.budget import LayerDims, decoder_linear_params
+from reload_helpers import reload_in_fresh_process, save_reference
 from tiny_models import random_token_windows, tiny_llama
 
-HERE = Path(__file__).resolve().parent
 CALIB = random_token_windows(6, 32, seed=21)
 
 
@@ -58,16 +53,8 @@ def test_mixed_model_has_the_uniform_parameter_count_and_reloads(tmp_path):
     out = tmp_path / "mixed"
     mixed_c.save(mixed, out)
     ref = tmp_path / "ref.pt"
-    ids = random_token_windows(2, 20, seed=5)
-    with torch.no_grad():
-        torch.save({"input_ids": ids, "logits": mixed(ids).logits,
-                    "generated": mixed.generate(ids[:1, :6], max_new_tokens=10, do_sample=False)}, ref)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, str(HERE / "reload_check.py"), str(out), str(ref)], cwd=tmp_path,
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["logits_equal"] and result["generate_cached_equals_uncached"], result
+    save_reference(mixed, random_token_windows(2, 20, seed=5), ref)
+    reload_in_fresh_process(out, ref, cwd=tmp_path)
 
 
 def test_sequential_calibration_is_exact_at_ratio_zero_and_changes_weights_when_compressing():

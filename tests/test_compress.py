@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,9 +11,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForC
 from optimum_a3 import (A3Compressor, A3Config, A3ConfigError, A3LlamaForCausalLM, CalibrationDataError,
                         NonFiniteStatisticsError, OutputDirError, UnsupportedModelError)
 from optimum_a3.budget import decoder_linear_params, kv_cache_bytes_per_token, uniform_dims
+from reload_helpers import reload_in_fresh_process, save_reference
 from tiny_models import random_token_windows, tiny_llama, tiny_tokenizer
 
-HERE = Path(__file__).resolve().parent
 CALIB = random_token_windows(6, 32, seed=11)
 PROBE = random_token_windows(2, 24, seed=12)
 
@@ -99,12 +97,6 @@ def test_mixed_per_layer_dims_and_components():
     assert torch.isfinite(out).all()
 
 
-def _save_reference(model, path):
-    with torch.no_grad():
-        generated = model.generate(PROBE[:1, :6], max_new_tokens=10, do_sample=False)
-    torch.save({"input_ids": PROBE, "logits": logits(model), "generated": generated}, path)
-
-
 @pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
 def test_save_and_reload_in_process_without_optimum_a3(tmp_path, kv_heads):
     model, tok = tiny_llama(num_kv_heads=kv_heads), tiny_tokenizer()
@@ -119,16 +111,8 @@ def test_save_and_reload_in_process_without_optimum_a3(tmp_path, kv_heads):
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_a3_llama.A3LlamaForCausalLM"
     assert config["a3_compression"]["ratio"] == 0.25 and config["a3_compression"]["calibration"]["tokens"] == CALIB.numel()
     ref = tmp_path / "ref.pt"
-    _save_reference(small, ref)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, str(HERE / "reload_check.py"), str(out), str(ref)], cwd=tmp_path,
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["optimum_a3_importable"] is False
-    assert result["class_module"].startswith("transformers_modules")
-    assert result["logits_equal"], result
-    assert result["generate_cached_equals_uncached"] and result["generated_equals_in_memory"], result
+    save_reference(small, PROBE, ref)
+    reload_in_fresh_process(out, ref, cwd=tmp_path)
 
 
 def test_cached_generation_equals_uncached_in_memory():

@@ -12,16 +12,15 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from optimum_a3 import A3Compressor, A3Config
 from optimum_a3.hub import CheckpointError, HubPushError, check_hub_access, push_folder_to_hub, push_to_hub
 from optimum_a3.model_card import CARD_MARKER
 from hub_server import FakeHub, client_env, patch_client
+from reload_helpers import reload_in_fresh_process, save_reference
 from tiny_models import random_token_windows, tiny_llama, tiny_tokenizer
 
-HERE = Path(__file__).resolve().parent
 CALIB = random_token_windows(4, 32, seed=31)
 PROBE = random_token_windows(2, 24, seed=32)
 REPO = "a3-tester/tiny-a3"
@@ -57,9 +56,7 @@ def pushed(hub, hf_home, tmp_path_factory):
         info = compressor.push_to_hub(small, REPO, tokenizer=tiny_tokenizer(), token=hub.token,
                                       commit_message="Upload tiny A3 model")
     ref = tmp_path_factory.mktemp("ref") / "ref.pt"
-    with torch.no_grad():
-        generated = small.generate(PROBE[:1, :6], max_new_tokens=10, do_sample=False)
-        torch.save({"input_ids": PROBE, "logits": small(PROBE).logits, "generated": generated}, ref)
+    save_reference(small, PROBE, ref)
     return {"model": small, "info": info, "ref": ref, "log": hub.log[before:]}
 
 
@@ -96,15 +93,7 @@ def test_push_is_one_commit_with_everything_then_fresh_process_loads_by_repo_id(
 
     # a fresh process, optimum_a3 blocked, plain transformers, by repo id through HF_ENDPOINT
     start = len(hub.log)
-    proc = subprocess.run([sys.executable, str(HERE / "reload_check.py"), REPO, str(pushed["ref"])], cwd=tmp_path,
-                          env=client_env(hub, str(tmp_path / "fresh_home")), capture_output=True, text=True,
-                          timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["optimum_a3_importable"] is False
-    assert result["class_module"].startswith("transformers_modules")
-    assert result["logits_equal"], result
-    assert result["generate_cached_equals_uncached"] and result["generated_equals_in_memory"], result
+    reload_in_fresh_process(REPO, pushed["ref"], cwd=tmp_path, env=client_env(hub, str(tmp_path / "fresh_home")))
     downloads = [(m, p.split("?")[0], s) for m, p, s in hub.log[start:]]
     assert ("HEAD", f"/{REPO}/resolve/{info.oid}/model.safetensors", 302) in downloads  # LFS: redirect to storage
     assert any(m == "GET" and p.startswith("/objects/") and s == 200 for m, p, s in downloads)

@@ -32,7 +32,7 @@ def smollm2():
 
 def test_smollm2_20_percent_heldout_perplexity(smollm2):
     model, tokenizer = smollm2
-    compressor = A3Compressor(A3Config(ratio=0.2, nsamples=8, seqlen=512, seed=0))
+    compressor = A3Compressor(A3Config(ratio=0.2, nsamples=8, seqlen=512, seed=0, method="paper"))
     small = compressor.compress(model, tokenizer, progress=False)
 
     assert decoder_linear_params(small) == pytest.approx(0.8 * decoder_linear_params(model), rel=0.01)
