@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from .models.a3_llama import A3LlamaConfig, A3LlamaForCausalLM
@@ -128,6 +127,3 @@ def adapter_for(model: nn.Module):
         f"A3 does not support model_type={model_type!r} yet; supported: {', '.join(supported_model_types())}"
     )
 
-
-def module_dtype(module: nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
