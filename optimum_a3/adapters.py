@@ -62,6 +62,25 @@ class LlamaFamilyAdapter:
             raise UnsupportedModelError("dynamic RoPE scaling is not supported (its frequencies change with length)")
         if getattr(c, "hidden_act", "silu") not in ("silu", "swish"):
             raise UnsupportedModelError(f"only SwiGLU MLPs are supported, got hidden_act={c.hidden_act!r}")
+        self.sliding_window(model)  # refuses mixed full/sliding layers
+
+    def sliding_window(self, model: nn.Module) -> int | None:
+        """The attention window of every layer, or ``None`` for full causal attention."""
+        c = model.config
+        layer_types = set(getattr(c, "layer_types", None) or [])
+        if layer_types - {"full_attention", "sliding_attention"} or len(layer_types) > 1:
+            raise UnsupportedModelError(f"per-layer attention types {sorted(layer_types)} are not supported; "
+                                        "only models whose layers all use the same attention")
+        if layer_types == {"full_attention"}:
+            return None
+        return getattr(c, "sliding_window", None)
+
+    # Components A3 may shrink in this family (see Qwen3 for one that keeps q/k).
+    compressible_components = ("qk", "ov", "mlp")
+
+    def config_overrides(self, model: nn.Module) -> dict:
+        """Compressed-config fields that differ from the original config's (family specific)."""
+        return {}
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.model.layers
@@ -101,15 +120,45 @@ class LlamaFamilyAdapter:
             head_dim_qk=uniform([d.head_dim_qk for d in dims]),
             head_dim_vo=uniform([d.head_dim_vo for d in dims]),
             intermediate_size=uniform([d.intermediate_size for d in dims]),
-            sliding_window=original.get("sliding_window"),
+            sliding_window=self.sliding_window(model),
             a3_compression=record,
+            **self.config_overrides(model),
         )
         config = A3LlamaConfig(**kept)
         config.dtype = model.dtype
         return config
 
 
-ADAPTERS = [LlamaFamilyAdapter()]
+class Qwen2Adapter(LlamaFamilyAdapter):
+    """Qwen2 / Qwen2.5: Llama layers with q/k/v biases and no o_proj bias.
+
+    The compressed model has biases on all four projections: q/k keep the bias entries of their kept
+    dims, the v_proj bias is folded exactly into the o_proj bias (and stored as zeros).
+    """
+
+    model_types = ("qwen2",)
+
+    def config_overrides(self, model: nn.Module) -> dict:
+        return {"attention_bias": True, "mlp_bias": False}
+
+
+class Qwen3Adapter(LlamaFamilyAdapter):
+    """Qwen3: Llama layers with a per-head RMSNorm on queries and keys before RoPE.
+
+    That norm divides each head by its RMS over ALL head dims, which a model keeping fewer q/k dims
+    cannot compute, and any approximation changes every attention score. So A3 leaves q/k untouched
+    here and compresses OV and the MLP only (the KV cache still shrinks through the values).
+    """
+
+    model_types = ("qwen3",)
+    compressible_components = ("ov", "mlp")
+
+    def config_overrides(self, model: nn.Module) -> dict:
+        return {"qk_norm": True, "attention_bias": bool(getattr(model.config, "attention_bias", False)),
+                "mlp_bias": False}
+
+
+ADAPTERS = [LlamaFamilyAdapter(), Qwen2Adapter(), Qwen3Adapter()]
 
 
 def supported_model_types() -> list[str]:

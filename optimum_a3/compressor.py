@@ -16,7 +16,7 @@ from .adapters import adapter_for
 from .allocation import layer_tracks, mixed_dims
 from .budget import LayerDims, decoder_linear_params, kv_cache_bytes_per_token, total_params
 from .calibration import calibration_windows
-from .config import A3Config
+from .config import _DIM_FIELDS, A3Config, A3ConfigError
 from .data import describe_source
 from .layer_solver import solve_layer
 from .model_card import write_model_card
@@ -77,8 +77,8 @@ class A3Compressor(OptimumQuantizer):
                 (``last_statistics``); skips the calibration forward, e.g. to try several ratios.
             keep_statistics: keep the statistics in ``self.last_statistics`` for reuse.
         """
-        cfg = self.config
         adapter = adapter_for(model)
+        cfg = self._restricted_to(adapter, self.config)
         geometry = adapter.geometry(model)
         dims = cfg.layer_dims(geometry.num_layers, geometry.head_dim, geometry.intermediate_size, rope=geometry.rope)
         torch.manual_seed(cfg.seed)
@@ -112,7 +112,7 @@ class A3Compressor(OptimumQuantizer):
         if cfg.allocation == "mixed":
             # Every layer's statistics are needed before any dim can be chosen.
             layer_stats = list(layer_stats)
-            dims = self._mixed_dims(adapter, model, geometry, layer_stats, dims)
+            dims = self._mixed_dims(adapter, model, geometry, layer_stats, dims, cfg.components)
         compressed = self._empty_compressed_model(adapter, model, dims, self._record(model, dims, calibration, cfg))
         kept: list[LayerStatistics] = []
         start = time.perf_counter()
@@ -145,6 +145,22 @@ class A3Compressor(OptimumQuantizer):
         return compressed.eval()
 
     @staticmethod
+    def _restricted_to(adapter, cfg: A3Config) -> A3Config:
+        """Drop the components this architecture cannot compress (Qwen3's normalised q/k), loudly; an
+        explicit dim for such a component is an error."""
+        unsupported = [c for c in cfg.components if c not in adapter.compressible_components]
+        if not unsupported:
+            return cfg
+        explicit = [c for c in unsupported if getattr(cfg, _DIM_FIELDS[c]) is not None]
+        if explicit:
+            raise A3ConfigError(f"{type(adapter).__name__}: {', '.join(explicit)} cannot be compressed in this "
+                                f"architecture ({adapter.__doc__.strip().splitlines()[0]})")
+        kept = tuple(c for c in cfg.components if c in adapter.compressible_components)
+        warnings.warn(f"{', '.join(unsupported)} left uncompressed for this architecture (see "
+                      f"{type(adapter).__name__}); the ratio applies to {', '.join(kept)} only", stacklevel=3)
+        return dataclasses.replace(cfg, components=kept)
+
+    @staticmethod
     def _without_ill_posed_refit(cfg: A3Config, tokens: int | None, geometry) -> A3Config:
         """The refit solves an intermediate-sized least-squares problem: with fewer than two calibration
         tokens per MLP channel it overfits (measured: worse than no refit), so it is skipped, loudly."""
@@ -155,11 +171,12 @@ class A3Compressor(OptimumQuantizer):
             return dataclasses.replace(cfg, mlp_refit=False)
         return cfg
 
-    def _mixed_dims(self, adapter, model, geometry, layer_stats, uniform: list[LayerDims]) -> list[LayerDims]:
+    def _mixed_dims(self, adapter, model, geometry, layer_stats, uniform: list[LayerDims],
+                    components) -> list[LayerDims]:
         tracks = []
         for idx, stats in layer_stats:
             weights = {name: lin.weight.detach().to(torch.float64).T for name, lin in adapter.linears(adapter.layers(model)[idx]).items()}
-            tracks += layer_tracks(idx, weights, stats, geometry, self.config.components)
+            tracks += layer_tracks(idx, weights, stats, geometry, components)
         return mixed_dims(tracks, uniform)
 
     def _calibration_ids(self, tokenizer, calibration_ids) -> tuple[torch.Tensor, str]:

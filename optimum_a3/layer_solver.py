@@ -22,6 +22,11 @@ def _w(linear: nn.Linear) -> torch.Tensor:
     return linear.weight.detach().to(torch.float64).T
 
 
+def _bias_row(b: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+    """A bias as the extra input row of the augmented weight (zeros when the projection has none)."""
+    return weight.new_zeros(1, weight.shape[1]) if b is None else b[None]
+
+
 def solve_layer(adapter, layer: nn.Module, stats: LayerStatistics, geometry: Geometry, dims: LayerDims,
                 config: A3Config) -> dict[str, torch.Tensor]:
     """State-dict entries (relative to the layer) of the compressed layer, in the layer's dtype.
@@ -45,7 +50,12 @@ def solve_layer(adapter, layer: nn.Module, stats: LayerStatistics, geometry: Geo
         return None if b is None else b.detach().to(torch.float64)
 
     # --- QK: keep whole rotary pairs (§3a); at full size the identity selection keeps the weights.
-    keep = solvers.select_rope_pairs(_w(lin["q"]), _w(lin["k"]), r_x, h, g, dims.head_dim_qk)
+    # With q/k biases (Qwen2) the pre-RoPE energies are those of [x, 1] @ [W; b] (method §6).
+    w_q, w_k, r_qk = _w(lin["q"]), _w(lin["k"]), r_x
+    if bias("q") is not None or bias("k") is not None:
+        w_q, w_k = (torch.cat([w, _bias_row(bias(name), w)]) for name, w in (("q", w_q), ("k", w_k)))
+        r_qk = stats.augmented_attn_input_autocorr()
+    keep = solvers.select_rope_pairs(w_q, w_k, r_qk, h, g, dims.head_dim_qk)
     kept_dims = solvers.rope_kept_dims(keep, hd)
     for name, heads in (("q", h), ("k", g)):
         b = bias(name)

@@ -29,6 +29,14 @@ class LayerStatistics:
     down_input_autocorr: torch.Tensor | None     # R_d (intermediate, intermediate), refit only
     num_tokens: int
     residual_sq_mean: float = float("nan")       # E||h||² of the residual stream entering the layer
+    attn_input_mean: torch.Tensor | None = None  # E[x] (d_model,): with R_x, the statistics of [x, 1] (biases)
+
+    def augmented_attn_input_autocorr(self) -> torch.Tensor:
+        """Autocorrelation of the input augmented with a constant 1, ``E[[x,1]ᵀ[x,1]]`` (method §6, biases)."""
+        mean = self.attn_input_mean
+        top = torch.cat([self.attn_input_autocorr, mean[:, None]], dim=1)
+        bottom = torch.cat([mean, mean.new_ones(1)])[None]
+        return torch.cat([top, bottom], dim=0)
 
     def check_finite(self, layer_idx: int) -> None:
         for name, value in vars(self).items():
@@ -46,7 +54,7 @@ class _Accumulator:
     def __init__(self, num_heads: int, head_dim: int, want_head_autocorr: bool, want_down_autocorr: bool):
         self.num_heads, self.head_dim = num_heads, head_dim
         self.want_head_autocorr, self.want_down_autocorr = want_head_autocorr, want_down_autocorr
-        self.r_x = self.g_z = self.m_d = self.r_d = None
+        self.r_x = self.s_x = self.g_z = self.m_d = self.r_d = None
         self.tokens = 0
 
     @staticmethod
@@ -58,6 +66,7 @@ class _Accumulator:
         x = self._rows(inputs)
         self.tokens += x.shape[0]
         self.r_x = x.T @ x if self.r_x is None else self.r_x.addmm_(x.T, x)
+        self.s_x = x.sum(dim=0) if self.s_x is None else self.s_x.add_(x.sum(dim=0))
 
     def attention_output(self, module, inputs):
         z = self._rows(inputs).view(-1, self.num_heads, self.head_dim)
@@ -79,6 +88,7 @@ class _Accumulator:
             head_output_autocorr=self.g_z / t if self.want_head_autocorr else None,
             down_input_autocorr=self.r_d / t if self.want_down_autocorr else None,
             num_tokens=t,
+            attn_input_mean=self.s_x / t,
         )
 
 

@@ -3,26 +3,39 @@
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM)
+
+FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+            "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
 
 
 def tiny_llama(num_heads: int = 4, num_kv_heads: int = 2, head_dim: int = 16, hidden: int = 48,
                intermediate: int = 96, layers: int = 2, vocab: int = 128, tie: bool = True,
-               seed: int = 0, dtype: torch.dtype = torch.float32, **extra) -> LlamaForCausalLM:
-    """A random Llama-architecture causal LM; GQA by default, MHA with ``num_kv_heads=num_heads``."""
+               seed: int = 0, dtype: torch.dtype = torch.float32, family: str = "llama", **extra):
+    """A random Llama-architecture causal LM; GQA by default, MHA with ``num_kv_heads=num_heads``.
+
+    ``family="qwen2"`` (q/k/v biases) or ``"qwen3"`` (q/k RMSNorm) builds those architectures instead;
+    biases and norm weights are random too, so that carrying them wrongly is visible.
+    """
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config_class, model_class = FAMILIES[family]
+    config = config_class(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, head_dim=head_dim,
         max_position_embeddings=256, tie_word_embeddings=tie, rms_norm_eps=1e-6,
         bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra,
     )
-    model = LlamaForCausalLM(config).to(dtype)
+    model = model_class(config).to(dtype)
     # Larger-than-default init so attention patterns are not uniform and errors are visible.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2 and "embed" not in name:
                 p.normal_(0.0, 0.15)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.3)
+            elif "q_norm" in name or "k_norm" in name:
+                p.uniform_(0.5, 1.5)
     return model.eval()
 
 

@@ -24,6 +24,9 @@ class A3LlamaConfig(LlamaConfig):
             MLP width, one value or one per layer.
         sliding_window (`int`, *optional*):
             Sliding-window attention span (Mistral); `None` for full causal attention.
+        qk_norm (`bool`, *optional*, defaults to `False`):
+            Per-head RMSNorm of queries and keys before RoPE (Qwen3). It normalises over the whole head, so
+            it requires `head_dim_qk == head_dim` (A3 leaves q/k of such models uncompressed).
         a3_compression (`dict`, *optional*):
             Record of how the model was compressed (base model, ratio, dims, calibration, seed, version).
     """
@@ -34,6 +37,7 @@ class A3LlamaConfig(LlamaConfig):
     head_dim_qk: int | list[int] | None = None
     head_dim_vo: int | list[int] | None = None
     sliding_window: int | None = None
+    qk_norm: bool = False
     a3_compression: dict | None = None
 
     def __post_init__(self, **kwargs):
@@ -69,6 +73,8 @@ class A3LlamaConfig(LlamaConfig):
         for v in self.head_dim_qk if isinstance(self.head_dim_qk, list) else [self.head_dim_qk]:
             if v % 2 or v > head_dim:
                 raise ValueError(f"head_dim_qk must be even and <= head_dim={head_dim} (whole rotary pairs), got {v}")
+            if self.qk_norm and v != head_dim:
+                raise ValueError(f"qk_norm normalises whole heads: head_dim_qk must equal head_dim={head_dim}, got {v}")
 
 
 __all__ = ["A3LlamaConfig"]

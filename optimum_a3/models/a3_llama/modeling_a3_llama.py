@@ -7,7 +7,9 @@ code. Differences from `modeling_llama`:
   * each layer keeps a subset of the original rotary frequencies per key/value head (`rope_pairs`);
   * the softmax scale stays `1/sqrt(head_dim)` of the ORIGINAL model (the kept dims approximate the
     original dot product), passed explicitly to every attention backend;
-  * the MLP width may differ per layer.
+  * the MLP width may differ per layer;
+  * optional per-head q/k RMSNorm before RoPE (`qk_norm`, Qwen3) and q/k/v/o biases (`attention_bias`,
+    Qwen2: the v_proj bias is folded into the o_proj bias by A3).
 """
 
 import inspect
@@ -155,6 +157,9 @@ class A3LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim_qk, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim_vo, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim_vo, config.hidden_size, bias=bias)
+        if config.qk_norm:
+            self.q_norm = A3LlamaRMSNorm(self.head_dim_qk, eps=config.rms_norm_eps)
+            self.k_norm = A3LlamaRMSNorm(self.head_dim_qk, eps=config.rms_norm_eps)
         # Kept rotary frequency indices per key/value head (sorted); query heads use their group's row.
         pairs = torch.arange(self.head_dim_qk // 2).repeat(self.num_key_value_heads, 1)
         self.register_buffer("rope_pairs", pairs, persistent=True)
@@ -170,8 +175,11 @@ class A3LlamaAttention(nn.Module):
         cache = cache if cache is not None else past_key_values
         batch, seq_len = hidden_states.shape[:-1]
 
-        query_states = self.q_proj(hidden_states).view(batch, seq_len, -1, self.head_dim_qk).transpose(1, 2)
-        key_states = self.k_proj(hidden_states).view(batch, seq_len, -1, self.head_dim_qk).transpose(1, 2)
+        query_states = self.q_proj(hidden_states).view(batch, seq_len, -1, self.head_dim_qk)
+        key_states = self.k_proj(hidden_states).view(batch, seq_len, -1, self.head_dim_qk)
+        if self.config.qk_norm:
+            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
+        query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
         value_states = self.v_proj(hidden_states).view(batch, seq_len, -1, self.head_dim_vo).transpose(1, 2)
 
         cos, sin = self.kept_rotary(*position_embeddings)
