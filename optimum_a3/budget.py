@@ -39,10 +39,13 @@ def decoder_linear_params(model: nn.Module) -> int:
 
 def total_params(model: nn.Module) -> int:
     """All parameters, counting tied embeddings once."""
+    # parameters() yields a tied Parameter once; storage sharing between distinct Parameters is caught
+    # by data_ptr (meaningless on the meta device, where every pointer is 0).
     seen, total = set(), 0
     for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
+        key = id(p) if p.device.type == "meta" else p.data_ptr()
+        if key not in seen:
+            seen.add(key)
             total += p.numel()
     return total
 

@@ -23,6 +23,8 @@ from .model_card import write_model_card
 from .models.a3_llama import A3LlamaConfig, A3LlamaForCausalLM
 from .saving import check_output_dir, write_atomically
 from .statistics import LayerStatistics, stream_layer_statistics
+from .stats_cache import StatisticsCache, statistics_key, tensor_digest
+from .streaming import CheckpointWeights, LazyLayers, ShardWriter, empty_model, materialize, resolve_checkpoint_dir
 from .version import __version__
 
 # Below this many calibration tokens per MLP channel the down_proj refit is skipped (see compress).
@@ -65,84 +67,227 @@ class A3Compressor(OptimumQuantizer):
     # ------------------------------------------------------------------------------ compress
     def compress(self, model: nn.Module, tokenizer=None, calibration_ids: torch.Tensor | None = None,
                  progress: bool = True, statistics: list[LayerStatistics] | None = None,
-                 keep_statistics: bool = False) -> nn.Module:
+                 keep_statistics: bool = False, stats_cache: str | Path | None = None) -> nn.Module:
         """Return the A3-compressed copy of ``model`` (the input model is left unchanged).
 
         Args:
-            model: a supported Hugging Face causal LM (Llama family), in eval mode.
+            model: a supported Hugging Face causal LM (Llama, Mistral, Qwen2, Qwen3 families), in eval mode.
             tokenizer: tokenizes the calibration text of ``config.dataset``.
             calibration_ids: optional ``(n, seqlen)`` token ids used instead of ``config.dataset``.
             progress: show progress bars.
             statistics: per-layer statistics from an earlier run on the same model and calibration data
                 (``last_statistics``); skips the calibration forward, e.g. to try several ratios.
             keep_statistics: keep the statistics in ``self.last_statistics`` for reuse.
+            stats_cache: a directory caching statistics on disk, keyed by model and calibration tokens: a
+                later run with the same model and data (any ratio or dims) skips the calibration forward.
+                Needs non-sequential calibration (``method="paper"`` or ``sequential=False``).
+
+        To compress a checkpoint larger than memory, use :meth:`compress_checkpoint`.
         """
+        return self._compress(model, tokenizer, calibration_ids, progress, statistics, keep_statistics, stats_cache)
+
+    def compress_checkpoint(self, model_path: str | Path, save_dir: str | Path, tokenizer=None, *,
+                            overwrite: bool = False, progress: bool = True,
+                            calibration_ids: torch.Tensor | None = None, stats_cache: str | Path | None = None,
+                            dtype: torch.dtype | None = None, max_shard_size: int | str = "5GB",
+                            trust_remote_code: bool = False) -> str:
+        """Compress a safetensors checkpoint (directory or Hub id) into ``save_dir`` one layer at a time.
+
+        Only one decoder layer of the original model is in memory at once (read from its shards), and
+        each compressed layer is written out as soon as it is solved, so peak memory is about one layer
+        of weights and its float64 statistics, the calibration activations of one layer and one output
+        shard (``max_shard_size``) — not the model. The checkpoint is the same, tensor for tensor, as
+        ``save(compress(model))`` on the loaded model. It is written atomically like :meth:`save`.
+
+        Args:
+            model_path: a local directory with ``model.safetensors`` (or an index of shards) or a Hub id.
+            save_dir: output directory; must be empty unless ``overwrite``.
+            tokenizer: defaults to the checkpoint's tokenizer (saved with the result).
+            dtype: compute/storage dtype; defaults to the checkpoint's (``config.dtype``), else float32.
+            other arguments: as :meth:`compress` and :meth:`save`.
+        Returns the path of the saved checkpoint.
+        """
+        from transformers import AutoTokenizer
+
+        directory = resolve_checkpoint_dir(str(model_path))
+        save_dir = str(save_dir)
+        check_output_dir(save_dir, overwrite)
+        weights = CheckpointWeights(directory)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+        model = empty_model(directory, dtype or torch.float32, trust_remote_code)
+        if dtype is None and isinstance(getattr(model.config, "dtype", None), torch.dtype):
+            model = empty_model(directory, model.config.dtype, trust_remote_code)
+        dtype = model.dtype
+        adapter_for(model)  # refuse unsupported architectures before reading any weight
+        names = {module: name for name, module in model.named_modules()}
+        embeddings = model.get_input_embeddings()
+        materialize(embeddings, names[embeddings] + ".", weights, dtype)
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.tie_weights()  # lm_head shares the materialised embedding again (counted once)
+        layers = adapter_for(model).layers(model)
+        lazy = LazyLayers(layers, names[layers] + ".", weights, dtype)
+
+        def write(tmp: str) -> None:
+            writer = ShardWriter(tmp, max_shard_size)
+            compressed = self._compress(model, tokenizer, calibration_ids, progress, None, False, stats_cache,
+                                        lazy=lazy, writer=writer, weights=weights)
+            writer.finish(total_parameters=total_params(compressed))
+            self._write_files(compressed, tmp, tokenizer)
+
+        return write_atomically(save_dir, write, overwrite=overwrite)
+
+    def _compress(self, model, tokenizer, calibration_ids, progress, statistics, keep_statistics, stats_cache,
+                  lazy: LazyLayers | None = None, writer: ShardWriter | None = None,
+                  weights: CheckpointWeights | None = None) -> nn.Module:
+        """The one pipeline. In memory (``lazy``/``writer`` None) the compressed model is built whole;
+        streaming, original layers are materialised by ``lazy`` and compressed ones handed to ``writer``."""
         adapter = adapter_for(model)
         cfg = self._restricted_to(adapter, self.config)
         geometry = adapter.geometry(model)
         dims = cfg.layer_dims(geometry.num_layers, geometry.head_dim, geometry.intermediate_size, rope=geometry.rope)
         torch.manual_seed(cfg.seed)
-        tokens = statistics[0].num_tokens if statistics else (
-            None if calibration_ids is None else int(torch.as_tensor(calibration_ids).numel()))
-        if tokens is None and cfg.mlp_refit:
-            tokens = cfg.nsamples * cfg.seqlen
-        cfg = self._without_ill_posed_refit(cfg, tokens, geometry)
-        propagate = {} if cfg.sequential else None
         if statistics is None:
             calibration_ids, source = self._calibration_ids(tokenizer, calibration_ids)
-            layer_stats = stream_layer_statistics(
-                model, adapter, calibration_ids, batch_size=cfg.batch_size,
-                want_head_autocorr=geometry.is_mha and "ov" in cfg.components,
-                want_down_autocorr=cfg.mlp_refit, device=cfg.device, progress=progress,
-                propagate=propagate,
-            )
             calibration = {"dataset": source, "nsamples": int(calibration_ids.shape[0]),
                            "seqlen": int(calibration_ids.shape[1]), "tokens": int(calibration_ids.numel())}
         else:
             if len(statistics) != geometry.num_layers:
                 raise ValueError(f"statistics cover {len(statistics)} layers, the model has {geometry.num_layers}")
-            if cfg.sequential:
-                raise ValueError("sequential calibration cannot reuse statistics: they depend on the compressed layers")
-            if cfg.mlp_refit and statistics[0].down_input_autocorr is None:
-                raise ValueError("mlp_refit needs statistics collected with mlp_refit=True (the down_proj autocorrelation)")
-            layer_stats = enumerate(statistics)
             calibration = dict(self.last_calibration or {"dataset": "reused statistics"})
         calibration["seed"] = cfg.seed
+        tokens = statistics[0].num_tokens if statistics else calibration["tokens"]
+        cfg = self._without_ill_posed_refit(cfg, tokens, geometry)
+        want_head = geometry.is_mha and "ov" in cfg.components
+        if statistics is not None or stats_cache is not None:
+            if cfg.sequential:
+                raise A3ConfigError("sequential calibration cannot reuse statistics (they depend on the compressed "
+                                    "layers): use method='paper' or sequential=False")
+        if statistics is not None and cfg.mlp_refit and statistics[0].down_input_autocorr is None:
+            raise ValueError("mlp_refit needs statistics collected with mlp_refit=True (the down_proj autocorrelation)")
+
+        cache, cache_writer, cache_hit = None, None, False
+        if statistics is None and stats_cache is not None:
+            key = statistics_key(model.config.to_dict(), self._weight_digest(model, adapter, weights), calibration_ids)
+            cache = StatisticsCache(str(stats_cache), key)
+            cache_hit = cache.covers(geometry.num_layers, want_head, cfg.mlp_refit)
+        propagate = {} if cfg.sequential else None
+        if statistics is not None:
+            layer_stats = enumerate(statistics)
+        elif cache_hit:
+            layer_stats = ((idx, cache.load(idx)) for idx in range(geometry.num_layers))
+        else:
+            layer_stats = stream_layer_statistics(
+                model, adapter, calibration_ids, batch_size=cfg.batch_size, want_head_autocorr=want_head,
+                want_down_autocorr=cfg.mlp_refit, device=cfg.device, progress=progress, propagate=propagate,
+                layer_loader=lazy,
+            )
+            if cache is not None:
+                cache_writer = cache.writer(geometry.num_layers, calibration)
 
         if cfg.allocation == "mixed":
             # Every layer's statistics are needed before any dim can be chosen.
             layer_stats = list(layer_stats)
-            dims = self._mixed_dims(adapter, model, geometry, layer_stats, dims, cfg.components)
-        compressed = self._empty_compressed_model(adapter, model, dims, self._record(model, dims, calibration, cfg))
+            dims = self._mixed_dims(adapter, model, geometry, layer_stats, dims, cfg.components, lazy)
+        compressed = self._empty_compressed_model(adapter, model, dims, self._record(model, dims, calibration, cfg),
+                                                  materialize=writer is None)
         kept: list[LayerStatistics] = []
         start = time.perf_counter()
         solve_time = 0.0
         originals, targets = adapter.layers(model), adapter.layers(compressed)
-        for idx, stats in layer_stats:
-            t0 = time.perf_counter()
-            solver_device = cfg.device or stats.attn_input_autocorr.device
-            new_entries = solve_layer(adapter, originals[idx], stats.to(solver_device), geometry, dims[idx], cfg)
-            state = dict(originals[idx].state_dict())
-            state.update(new_entries)
-            targets[idx].load_state_dict(state, strict=True)
-            if propagate is not None:
-                propagate[idx] = targets[idx]
-            if keep_statistics:
-                kept.append(stats)
-            solve_time += time.perf_counter() - t0
-        self._copy_outside_layers(model, compressed)
+        targets_prefix = self._module_name(compressed, targets) + "."
+        written: list[int] = []
+        try:
+            for idx, stats in layer_stats:
+                t0 = time.perf_counter()
+                if cache_writer is not None:
+                    cache_writer.add(idx, stats)
+                if lazy is not None:
+                    lazy.load(idx)
+                    for done in written:  # their outputs have fed this layer's statistics by now
+                        targets[done].to("meta")
+                    written.clear()
+                solver_device = cfg.device or stats.attn_input_autocorr.device
+                new_entries = solve_layer(adapter, originals[idx], stats.to(solver_device), geometry, dims[idx], cfg)
+                state = dict(originals[idx].state_dict())
+                state.update(new_entries)
+                if writer is not None:
+                    targets[idx].to_empty(device=state[next(iter(new_entries))].device)
+                targets[idx].load_state_dict(state, strict=True)
+                if writer is not None:
+                    writer.add({f"{targets_prefix}{idx}.{k}": v for k, v in targets[idx].state_dict().items()})
+                    written.append(idx)
+                if lazy is not None:
+                    lazy.release(idx)
+                if propagate is not None:
+                    propagate[idx] = targets[idx]
+                if keep_statistics:
+                    kept.append(stats)
+                solve_time += time.perf_counter() - t0
+            if cache_writer is not None:
+                cache_writer.commit()
+        except BaseException:
+            if cache_writer is not None:
+                cache_writer.abort()
+            raise
+        for done in written:
+            targets[done].to("meta")
+        if writer is None:
+            self._copy_outside_layers(model, compressed)
+        else:
+            writer.add(self._outside_layer_tensors(compressed, weights, model.dtype))
         # Counted on both models; the base figures cannot be derived from the checkpoint later.
         compressed.config.a3_compression["sizes"] = {
             name: [count(model), count(compressed)] for name, count in (
                 ("decoder_linear_params", decoder_linear_params), ("total_params", total_params),
                 ("kv_cache_bytes_per_token", kv_cache_bytes_per_token))}
         total = time.perf_counter() - start
-        self.last_timings = {"total_s": total, "solve_s": solve_time, "calibration_forward_s": total - solve_time}
+        self.last_timings = {"total_s": total, "solve_s": solve_time, "calibration_forward_s": total - solve_time,
+                             "stats_cache_hit": cache_hit}
         if keep_statistics:
             self.last_statistics = kept
         self.last_calibration = calibration
         self.last_effective_config = cfg
         return compressed.eval()
+
+    @staticmethod
+    def _module_name(root: nn.Module, module: nn.Module) -> str:
+        return next(name for name, m in root.named_modules() if m is module)
+
+    def _weight_digest(self, model, adapter, weights: CheckpointWeights | None) -> str:
+        """Digest of two weight matrices (first layer's q_proj, last layer's down_proj) for the cache key."""
+        layers = adapter.layers(model)
+        prefix = self._module_name(model, layers)
+        paths = [f"0.{adapter.linear_paths['q']}.weight", f"{len(layers) - 1}.{adapter.linear_paths['down']}.weight"]
+        if weights is not None:
+            loaded = weights.load([f"{prefix}.{p}" for p in paths], model.dtype)
+            return tensor_digest(list(loaded.values()))
+        return tensor_digest([layers.get_parameter(p) for p in paths])
+
+    @staticmethod
+    def _outside_layer_tensors(compressed: nn.Module, weights: CheckpointWeights, dtype) -> dict[str, torch.Tensor]:
+        """Embeddings, final norm and (untied) lm_head, read from the original checkpoint."""
+        layers_prefix = A3Compressor._module_name(compressed, compressed.model.layers) + "."
+        names = [k for k in compressed.state_dict() if not k.startswith(layers_prefix)]
+        if compressed.config.tie_word_embeddings:
+            names = [k for k in names if k != "lm_head.weight"]
+        return weights.load(names, dtype)
+
+    @staticmethod
+    def _write_files(compressed: nn.Module, directory: str, tokenizer) -> None:
+        """What ``save_pretrained`` writes besides the weights: config (with ``auto_map``), remote code,
+        generation config; plus the tokenizer and the model card."""
+        from transformers.dynamic_module_utils import custom_object_save
+
+        compressed.config.dtype = str(compressed.dtype).split(".")[1]
+        compressed.config.architectures = [type(compressed).__name__]
+        custom_object_save(compressed, directory, config=compressed.config)
+        compressed.config.save_pretrained(directory)
+        if compressed.can_generate():
+            compressed.generation_config.save_pretrained(directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+        write_model_card(compressed, directory)
 
     @staticmethod
     def _restricted_to(adapter, cfg: A3Config) -> A3Config:
@@ -171,12 +316,17 @@ class A3Compressor(OptimumQuantizer):
             return dataclasses.replace(cfg, mlp_refit=False)
         return cfg
 
-    def _mixed_dims(self, adapter, model, geometry, layer_stats, uniform: list[LayerDims],
-                    components) -> list[LayerDims]:
+    def _mixed_dims(self, adapter, model, geometry, layer_stats, uniform: list[LayerDims], components,
+                    lazy: LazyLayers | None = None) -> list[LayerDims]:
         tracks = []
         for idx, stats in layer_stats:
-            weights = {name: lin.weight.detach().to(torch.float64).T for name, lin in adapter.linears(adapter.layers(model)[idx]).items()}
+            if lazy is not None:
+                lazy.load(idx)
+            layer = adapter.layers(model)[idx]
+            weights = {name: lin.weight.detach().to(torch.float64).T for name, lin in adapter.linears(layer).items()}
             tracks += layer_tracks(idx, weights, stats, geometry, components)
+            if lazy is not None:
+                lazy.release(idx)
         return mixed_dims(tracks, uniform)
 
     def _calibration_ids(self, tokenizer, calibration_ids) -> tuple[torch.Tensor, str]:
@@ -212,13 +362,15 @@ class A3Compressor(OptimumQuantizer):
         }
 
     @staticmethod
-    def _empty_compressed_model(adapter, model, dims, record) -> nn.Module:
+    def _empty_compressed_model(adapter, model, dims, record, materialize: bool = True) -> nn.Module:
+        """The compressed model's skeleton on the meta device; allocated (uninitialised) if ``materialize``."""
         config = adapter.compressed_config(model, dims, record)
         config._attn_implementation = getattr(model.config, "_attn_implementation", None) or "sdpa"
-        device = next(model.parameters()).device
         with torch.device("meta"):
             compressed = adapter.compressed_model_class(config)
-        compressed = compressed.to(model.dtype).to_empty(device=device)
+        compressed = compressed.to(model.dtype)
+        if materialize:
+            compressed = compressed.to_empty(device=model.get_input_embeddings().weight.device)
         return compressed
 
     @staticmethod

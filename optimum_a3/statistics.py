@@ -120,8 +120,8 @@ def capture_first_layer_inputs(model: nn.Module, layers: nn.ModuleList, input_id
 
 def stream_layer_statistics(model: nn.Module, adapter, input_ids: torch.Tensor, batch_size: int = 1,
                             want_head_autocorr: bool = False, want_down_autocorr: bool = False,
-                            device=None, progress: bool = True,
-                            propagate: dict | None = None) -> Iterator[tuple[int, LayerStatistics]]:
+                            device=None, progress: bool = True, propagate: dict | None = None,
+                            layer_loader=None) -> Iterator[tuple[int, LayerStatistics]]:
     """Yield ``(layer_idx, LayerStatistics)`` for every decoder layer, in order.
 
     By default statistics come from the ORIGINAL model: layer ``l`` sees the original outputs of layers
@@ -130,22 +130,24 @@ def stream_layer_statistics(model: nn.Module, adapter, input_ids: torch.Tensor, 
     """
     geometry = adapter.geometry(model)
     layers = adapter.layers(model)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = torch.device(device) if device is not None else model.get_input_embeddings().weight.device
     was_training = model.training
     model.eval()  # no dropout in the statistics
     try:
         yield from _stream(model, adapter, layers, geometry, input_ids, batch_size, want_head_autocorr,
-                           want_down_autocorr, device, progress, propagate)
+                           want_down_autocorr, device, progress, propagate, layer_loader)
     finally:
         model.train(was_training)
 
 
 def _stream(model, adapter, layers, geometry, input_ids, batch_size, want_head_autocorr, want_down_autocorr,
-            device, progress, propagate):
+            device, progress, propagate, layer_loader):
     with torch.inference_mode():
         inputs = capture_first_layer_inputs(model, layers, input_ids, batch_size, device)
         bar = tqdm(total=len(layers), desc="A3 calibration", unit="layer", disable=not progress)
         for idx, layer in enumerate(layers):
+            if layer_loader is not None:
+                layer_loader.load(idx)
             acc = _Accumulator(geometry.num_heads, geometry.head_dim, want_head_autocorr, want_down_autocorr)
             hooks = [
                 adapter.attention_input_module(layer).register_forward_pre_hook(acc.attention_input),

@@ -1,0 +1,188 @@
+"""Compress without holding the whole model: read weights per decoder layer, write the output per layer.
+
+``CheckpointWeights`` reads tensors by name from a safetensors checkpoint (one file or an index of
+shards); ``LazyLayers`` materialises one decoder layer of an empty (meta-device) model at a time and
+drops it after use; ``ShardWriter`` writes the compressed tensors into size-capped shards as they are
+produced, named and indexed as ``save_pretrained`` does. Together they bound peak memory by one layer
+of weights plus its float64 statistics plus the calibration activations plus one output shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .loading import ModelLoadError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+SAFETENSORS_METADATA = {"format": "pt"}  # what save_pretrained writes; keeps files byte-identical
+
+
+def resolve_checkpoint_dir(spec: str, revision: str | None = None) -> str:
+    """A local directory as is; a Hub id is downloaded (config, tokenizer and safetensors only)."""
+    if os.path.isdir(spec):
+        return spec
+    if spec.endswith(".gguf") or os.path.isfile(spec):
+        raise ModelLoadError(f"{spec}: streaming needs a safetensors checkpoint (a directory or a Hub id)")
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(spec, revision=revision, allow_patterns=[
+        "*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.py", "*.jinja"])
+
+
+def has_safetensors(directory: str) -> bool:
+    return any(os.path.isfile(os.path.join(directory, f)) for f in (SINGLE_FILE, INDEX_FILE))
+
+
+class CheckpointWeights:
+    """Tensors of a safetensors checkpoint, read by name without loading the rest."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        index = os.path.join(directory, INDEX_FILE)
+        single = os.path.join(directory, SINGLE_FILE)
+        if os.path.isfile(index):
+            with open(index) as f:
+                self.weight_map: dict[str, str] = json.load(f)["weight_map"]
+        elif os.path.isfile(single):
+            with safe_open(single, framework="pt") as f:
+                self.weight_map = {name: SINGLE_FILE for name in f.keys()}
+        else:
+            raise ModelLoadError(f"{directory} has no {SINGLE_FILE} or {INDEX_FILE}: streaming needs safetensors weights")
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def load(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Read ``names`` (opening each shard once), cast to ``dtype``; a missing name is an error."""
+        missing = [n for n in names if n not in self.weight_map]
+        if missing:
+            raise ModelLoadError(f"{self.directory}: tensors missing from the checkpoint: {missing[:5]}")
+        by_file = defaultdict(list)
+        for name in names:
+            by_file[self.weight_map[name]].append(name)
+        out = {}
+        for file, file_names in by_file.items():
+            with safe_open(os.path.join(self.directory, file), framework="pt") as f:
+                for name in file_names:
+                    tensor = f.get_tensor(name)
+                    out[name] = tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
+        return out
+
+
+def empty_model(directory: str, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+    """The model of ``directory`` with parameters on the meta device (buffers such as RoPE frequencies
+    stay real), in eval mode. Nothing is read from the weight files."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.config._name_or_path = directory
+    return model.eval()
+
+
+def materialize(module: nn.Module, prefix: str, weights: CheckpointWeights, dtype: torch.dtype,
+                device: torch.device | str = "cpu") -> None:
+    """Give ``module`` (named ``prefix`` in the checkpoint) its weights from the checkpoint."""
+    names = list(module.state_dict().keys())
+    tensors = weights.load([prefix + n for n in names], dtype)
+    module.to_empty(device=device)
+    module.load_state_dict({n: tensors[prefix + n] for n in names}, strict=True)
+
+
+class LazyLayers:
+    """Decoder layers of an empty model, materialised on demand from the checkpoint and released after.
+
+    ``load`` and ``release`` are idempotent, so the statistics stream and the solver loop may both ask.
+    """
+
+    def __init__(self, layers: nn.ModuleList, prefix: str, weights: CheckpointWeights, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        self.layers, self.prefix, self.weights = layers, prefix, weights
+        self.dtype, self.device = dtype, device
+        self.loaded: set[int] = set()
+
+    def load(self, idx: int) -> None:
+        if idx not in self.loaded:
+            materialize(self.layers[idx], f"{self.prefix}{idx}.", self.weights, self.dtype, self.device)
+            self.loaded.add(idx)
+
+    def release(self, idx: int) -> None:
+        if idx in self.loaded:
+            self.layers[idx].to("meta")
+            self.loaded.discard(idx)
+
+
+def parse_size(size: int | str) -> int:
+    """``"2GB"``/``"500MB"``/an int -> bytes (decimal units, as ``save_pretrained``)."""
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    text = size.strip().upper()
+    for unit, factor in units.items():
+        if text.endswith(unit) and text[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(text[: -len(unit)]) * factor)
+    raise ValueError(f"cannot read the shard size {size!r} (e.g. '5GB', '500MB')")
+
+
+class ShardWriter:
+    """Write tensors into safetensors shards of at most ``max_shard_size`` bytes, as they come.
+
+    Files are written under temporary names and renamed by ``finish`` to what ``save_pretrained``
+    would produce: ``model.safetensors`` for one shard, else ``model-0000k-of-0000n.safetensors`` and
+    ``model.safetensors.index.json``.
+    """
+
+    def __init__(self, directory: str, max_shard_size: int | str = "5GB"):
+        self.directory = directory
+        self.max_bytes = parse_size(max_shard_size)
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[tuple[str, list[str]]] = []  # (temporary file, tensor names)
+        self.total_bytes = 0
+        self.total_params = 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, tensor in tensors.items():
+            size = tensor.numel() * tensor.element_size()
+            if self.pending and self.pending_bytes + size > self.max_bytes:
+                self._flush()
+            self.pending[name] = tensor.detach().contiguous()
+            self.pending_bytes += size
+            self.total_bytes += size
+            self.total_params += tensor.numel()
+
+    def _flush(self) -> None:
+        path = os.path.join(self.directory, f".shard-{len(self.shards):05d}.tmp")
+        save_file(self.pending, path, metadata=SAFETENSORS_METADATA)
+        self.shards.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self, total_parameters: int | None = None) -> list[str]:
+        """Write what is pending, name the shards and write the index; returns the file names."""
+        if self.pending or not self.shards:
+            self._flush()
+        n = len(self.shards)
+        if n == 1:
+            os.replace(self.shards[0][0], os.path.join(self.directory, SINGLE_FILE))
+            return [SINGLE_FILE]
+        names, weight_map = [], {}
+        for k, (path, tensor_names) in enumerate(self.shards, start=1):
+            name = f"model-{k:05d}-of-{n:05d}.safetensors"
+            os.replace(path, os.path.join(self.directory, name))
+            names.append(name)
+            weight_map.update({t: name for t in tensor_names})
+        index = {"metadata": {"total_parameters": total_parameters or self.total_params, "total_size": self.total_bytes},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        with open(os.path.join(self.directory, INDEX_FILE), "w") as f:
+            f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return names + [INDEX_FILE]

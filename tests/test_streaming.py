@@ -1,0 +1,169 @@
+"""Layer-streamed compression from safetensors, the statistics cache, bit-identical checkpoints, kill safety."""
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from optimum_a3 import A3Compressor, A3Config
+from optimum_a3.config import A3ConfigError
+
+from tiny_models import random_token_windows, tiny_llama, tiny_tokenizer
+
+CALIBRATION = random_token_windows(8, 32, seed=1)
+
+
+def _source(tmp_path, **kwargs) -> Path:
+    """A tiny model saved as a plain safetensors checkpoint (with its tokenizer)."""
+    src = tmp_path / "source"
+    tiny_llama(**{"layers": 3, **kwargs}).save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    return src
+
+
+def _files(directory) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(directory).iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("method", ["paper", "default"])
+def test_streamed_checkpoint_equals_in_memory_checkpoint(tmp_path, method):
+    src = _source(tmp_path)
+    config = A3Config(ratio=0.25, method=method, nsamples=8, seqlen=32)
+    model = AutoModelForCausalLM.from_pretrained(src).eval()
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    in_memory = tmp_path / "in_memory"
+    compressor = A3Compressor(config)
+    compressor.save(compressor.compress(model, calibration_ids=CALIBRATION, progress=False), in_memory,
+                    tokenizer=tokenizer)
+    streamed = tmp_path / "streamed"
+    A3Compressor(config).compress_checkpoint(src, streamed, calibration_ids=CALIBRATION, progress=False)
+    a, b = _files(in_memory), _files(streamed)
+    assert set(a) == set(b)
+    assert a["model.safetensors"] == b["model.safetensors"]
+    assert a == b
+
+
+def test_streamed_shards_reload_like_one_file(tmp_path):
+    src = _source(tmp_path, tie=False)
+    config = A3Config(ratio=0.25, method="paper", nsamples=8, seqlen=32)
+    one = A3Compressor(config).compress_checkpoint(src, tmp_path / "one", calibration_ids=CALIBRATION, progress=False)
+    many = A3Compressor(config).compress_checkpoint(src, tmp_path / "many", calibration_ids=CALIBRATION,
+                                                    progress=False, max_shard_size=20_000)
+    shards = sorted(p.name for p in Path(many).glob("model-*.safetensors"))
+    assert len(shards) > 2 and shards[0].endswith(f"-of-{len(shards):05d}.safetensors")
+    assert (Path(many) / "model.safetensors.index.json").is_file()
+    ids = random_token_windows(2, 16, seed=3)
+    models = [AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True).eval() for d in (one, many)]
+    with torch.no_grad():
+        assert torch.equal(models[0](ids).logits, models[1](ids).logits)
+
+
+def test_identical_inputs_and_seed_give_bit_identical_checkpoints(tmp_path):
+    src = _source(tmp_path)
+    config = A3Config(ratio=0.3, method="paper", nsamples=8, seqlen=32, dataset=["some calibration text. " * 200])
+    first = A3Compressor(config).compress_checkpoint(src, tmp_path / "a", progress=False)
+    second = A3Compressor(config).compress_checkpoint(src, tmp_path / "b", progress=False)
+    assert _files(first) == _files(second)
+    other_seed = A3Compressor(A3Config(**{**config.to_dict(), "seed": 1})).compress_checkpoint(
+        src, tmp_path / "c", progress=False)
+    assert _files(other_seed)["model.safetensors"] != _files(first)["model.safetensors"]
+
+
+def test_stats_cache_gives_the_same_checkpoint_and_skips_calibration(tmp_path):
+    src = _source(tmp_path)
+    cache = tmp_path / "cache"
+    config = A3Config(ratio=0.25, method="paper", nsamples=8, seqlen=32)
+    fresh = A3Compressor(config).compress_checkpoint(src, tmp_path / "fresh", calibration_ids=CALIBRATION,
+                                                     progress=False)
+    first = A3Compressor(config)
+    first.compress_checkpoint(src, tmp_path / "first", calibration_ids=CALIBRATION, progress=False, stats_cache=cache)
+    assert first.last_timings["stats_cache_hit"] is False
+    assert len(list(cache.glob("a3-stats-*"))) == 1 and not list(cache.glob(".a3-stats-partial-*"))
+    second = A3Compressor(config)
+    second.compress_checkpoint(src, tmp_path / "second", calibration_ids=CALIBRATION, progress=False,
+                               stats_cache=cache)
+    assert second.last_timings["stats_cache_hit"] is True
+    assert _files(fresh) == _files(tmp_path / "first") == _files(tmp_path / "second")
+    # Another ratio reuses the entry; other calibration tokens do not.
+    other = A3Compressor(A3Config(ratio=0.5, method="paper", nsamples=8, seqlen=32))
+    other.compress_checkpoint(src, tmp_path / "half", calibration_ids=CALIBRATION, progress=False, stats_cache=cache)
+    assert other.last_timings["stats_cache_hit"] is True
+    new_data = A3Compressor(config)
+    new_data.compress_checkpoint(src, tmp_path / "new", calibration_ids=random_token_windows(8, 32, seed=2), progress=False,
+                                 stats_cache=cache)
+    assert new_data.last_timings["stats_cache_hit"] is False
+    assert len(list(cache.glob("a3-stats-*"))) == 2
+
+
+def test_stats_cache_in_memory_and_refusal_with_sequential(tmp_path):
+    model = tiny_llama(layers=3)
+    config = A3Config(ratio=0.25, method="paper", nsamples=8, seqlen=32)
+    a = A3Compressor(config).compress(model, calibration_ids=CALIBRATION, progress=False, stats_cache=tmp_path)
+    reuse = A3Compressor(config)
+    b = reuse.compress(model, calibration_ids=CALIBRATION, progress=False, stats_cache=tmp_path)
+    assert reuse.last_timings["stats_cache_hit"] is True
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    with pytest.raises(A3ConfigError, match="sequential calibration cannot reuse"):
+        A3Compressor(A3Config(ratio=0.25, sequential=True, nsamples=8, seqlen=32)).compress(
+            model, calibration_ids=CALIBRATION, progress=False, stats_cache=tmp_path)
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys, time
+    import optimum_a3.compressor as compressor
+    from optimum_a3 import A3Compressor, A3Config
+
+    solve = compressor.solve_layer
+
+    def slow_solve(*args, **kwargs):  # make "mid-way" a window the test can hit
+        print("solving", flush=True)
+        time.sleep(0.5)
+        return solve(*args, **kwargs)
+
+    compressor.solve_layer = slow_solve
+    src, out, cache = sys.argv[1:4]
+    config = A3Config(ratio=0.25, method="paper", nsamples=8, seqlen=32, dataset=["calibration text. " * 300])
+    A3Compressor(config).compress_checkpoint(src, out, overwrite=True, progress=False, stats_cache=cache,
+                                             max_shard_size=20_000)
+    print("done", flush=True)
+""")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill"])
+def test_killed_compression_leaves_the_output_dir_untouched(tmp_path, sig):
+    src = _source(tmp_path, layers=6)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    out.mkdir()
+    (out / "precious.txt").write_text("an earlier checkpoint")
+    script = tmp_path / "run.py"
+    script.write_text(KILL_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1])] + sys.path)}
+    proc = subprocess.Popen([sys.executable, str(script), str(src), str(out), str(cache)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    seen = 0
+    while seen < 2:  # two layers solved (and written to the partial checkpoint), more to go
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()[-2000:]
+        seen += line.startswith("solving")
+    # Half-written work exists, out of sight: shards in the partial checkpoint, layers in the partial cache.
+    partial = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
+    assert len(partial) == 1 and list(partial[0].glob(".shard-*"))
+    assert list(cache.glob(".a3-stats-partial-*/layer-*.safetensors"))
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
+    assert (out / "precious.txt").read_text() == "an earlier checkpoint"
+    assert not list(cache.glob("a3-stats-*"))  # no half cache entry is visible
+    if sig == signal.SIGINT:  # the interpreter unwound: temporary directories are gone too
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
+        assert not list(cache.glob(".a3-stats-partial-*"))
