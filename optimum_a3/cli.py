@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--output", "-o", required=True, help="directory to write (must be empty unless --overwrite)")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     c.add_argument("--device", default=None, help="device for calibration and solvers (default: the model's)")
+    c.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
+                   help="stream the model one decoder layer at a time from its safetensors shards and write the "
+                        "output layer by layer (default: on for safetensors checkpoints unless --eval is given)")
+    c.add_argument("--stats-cache", metavar="DIR", default=None,
+                   help="cache calibration statistics in DIR; a later run on the same model and data (any ratio) "
+                        "skips the calibration forward (needs --method paper or --no-sequential)")
+    c.add_argument("--max-shard-size", default="5GB", help="largest weight file written (default 5GB)")
     size = c.add_argument_group("how much to compress")
     size.add_argument("--ratio", type=float, help="fraction of decoder-layer parameters to remove, in [0, 1)")
     size.add_argument("--head-dim-qk", type=int, help="explicit q/k head dim (even with RoPE)")
@@ -182,15 +189,28 @@ def run_compress(args) -> dict:
 
         user = check_hub_access(args.push_to_hub, token=args.token)  # a bad token fails now, not after compressing
         _log(f"Hub token accepted (user {user}); will push to {args.push_to_hub}")
-    model, tokenizer = load_model_and_tokenizer(args.model)
     summary = {"model": args.model, "output": args.output}
+    if _use_streaming(args):
+        compressor = A3Compressor(config)
+        start = time.perf_counter()
+        compressor.compress_checkpoint(args.model, args.output, overwrite=args.overwrite,
+                                       stats_cache=args.stats_cache, max_shard_size=args.max_shard_size)
+        summary.update(low_memory=True, compress_seconds=round(time.perf_counter() - start, 1),
+                       stats_cache_hit=compressor.last_timings["stats_cache_hit"])
+        with open(os.path.join(args.output, "config.json")) as f:
+            summary.update(json.load(f)["a3_compression"]["sizes"])
+        if args.push_to_hub:
+            summary["hub"] = _push(args.output, args.push_to_hub, args, after_save=True)
+        return summary
+    model, tokenizer = load_model_and_tokenizer(args.model)
     if args.eval_source:
         summary["ppl_before"] = _ppl(model, tokenizer, args.eval_source, args)
         print(f"perplexity before ({args.eval_source}): {summary['ppl_before']:.3f}", flush=True)
     compressor = A3Compressor(config)
     start = time.perf_counter()
-    small = compressor.compress(model, tokenizer)
+    small = compressor.compress(model, tokenizer, stats_cache=args.stats_cache)
     summary["compress_seconds"] = round(time.perf_counter() - start, 1)
+    summary["stats_cache_hit"] = compressor.last_timings["stats_cache_hit"]
     if args.eval_source:
         summary["ppl_after"] = _ppl(small, tokenizer, args.eval_source, args)
         print(f"perplexity after  ({args.eval_source}): {summary['ppl_after']:.3f}", flush=True)
@@ -198,10 +218,30 @@ def run_compress(args) -> dict:
             "source": args.eval_source, "seqlen": args.eval_seqlen, "max_windows": args.eval_windows,
             "ppl_dense": summary["ppl_before"], "ppl_compressed": summary["ppl_after"]}
     summary.update(small.config.a3_compression["sizes"])  # [base, compressed], counted by the compressor
-    compressor.save(small, args.output, tokenizer=tokenizer, overwrite=args.overwrite)
+    compressor.save(small, args.output, tokenizer=tokenizer, overwrite=args.overwrite,
+                    max_shard_size=args.max_shard_size)
     if args.push_to_hub:
         summary["hub"] = _push(args.output, args.push_to_hub, args, after_save=True)
     return summary
+
+
+def _use_streaming(args) -> bool:
+    """--low-memory: explicit, or automatic for safetensors checkpoints when nothing needs the whole model."""
+    from .config import A3ConfigError
+    from .loading import DEFAULT_MODEL
+    from .streaming import has_safetensors
+
+    local_safetensors = os.path.isdir(args.model) and has_safetensors(args.model)
+    streamable = local_safetensors or not (args.model == DEFAULT_MODEL or os.path.exists(args.model))
+    if args.low_memory:
+        if not streamable:
+            raise A3ConfigError(f"--low-memory needs a safetensors checkpoint (a directory or a Hub id), not {args.model}")
+        if args.eval_source:
+            raise A3ConfigError("--low-memory never holds the whole model: evaluate afterwards with `optimum-a3 eval`")
+        return True
+    if args.low_memory is None and not args.eval_source:
+        return local_safetensors  # Hub ids: loaded whole, unless --low-memory asks to stream the shards
+    return False
 
 
 def run_eval(args) -> dict:

@@ -114,6 +114,22 @@ def test_compress_push_to_hub_checks_the_token_before_compressing(base_dir, tmp_
         assert "config.json" in hub.files("a3-tester/half") and (out / "config.json").is_file()
 
 
+def test_low_memory_compress_with_stats_cache(base_dir, tmp_path, capsys):
+    """A safetensors directory is streamed layer by layer; the second ratio reuses the cached statistics."""
+    common = [str(base_dir / "base"), "--method", "paper", "--dataset", str(base_dir / "text.txt"), "--nsamples", "4",
+              "--seqlen", "32", "--stats-cache", str(tmp_path / "cache")]
+    results = []
+    for ratio in ("0.25", "0.5"):
+        code, out, err = run(capsys, ["compress", *common, "--ratio", ratio, "-o", str(tmp_path / ratio)])
+        assert code == 0, err
+        results.append(json.loads(out))
+    assert [r["low_memory"] for r in results] == [True, True]
+    assert [r["stats_cache_hit"] for r in results] == [False, True]
+    dense, small = results[1]["decoder_linear_params"]
+    assert small == pytest.approx(0.5 * dense, rel=0.03)
+    assert json.loads((tmp_path / "0.5" / "config.json").read_text())["head_dim_vo"] == 8
+
+
 @pytest.mark.parametrize("argv,command,match", [
     (["compress", "{base}", "--ratio", "1.5", "-o", "{tmp}/o"], "compress", "ratio must be in [0, 1)"),
     (["compress", "{base}", "--ratio", "0.2", "-o", "{busy}"], "compress", "is not empty"),
@@ -121,6 +137,12 @@ def test_compress_push_to_hub_checks_the_token_before_compressing(base_dir, tmp_
     (["compress", "{tmp}/missing.gguf", "--ratio", "0.2", "-o", "{tmp}/o"], "compress", "no such GGUF file"),
     (["compress", "{base}", "--ratio", "0.2", "-o", "{tmp}/o", "--dataset", "{tmp}/nothing.txt"], "compress",
      "unknown text source"),
+    (["compress", "{tmp}/missing.gguf", "--ratio", "0.2", "-o", "{tmp}/o", "--low-memory"], "compress",
+     "no such GGUF file"),
+    (["compress", "{base}", "--ratio", "0.2", "-o", "{tmp}/o", "--low-memory", "--eval", "wikitext2"], "compress",
+     "evaluate afterwards"),
+    (["compress", "{base}", "--ratio", "0.2", "-o", "{tmp}/o", "--stats-cache", "{tmp}/c"], "compress",
+     "sequential calibration cannot reuse statistics"),
     (["eval", "{tmp}/no-such-checkpoint"], "eval", "no such file or directory"),
     (["push", "{tmp}/no-such-checkpoint", "a3-tester/x"], "push", "is not a directory"),
     (["push", "{base}", "a3-tester/x"], "push", "no `a3_compression` record"),
