@@ -24,7 +24,8 @@ from .models.a3_llama import A3LlamaConfig, A3LlamaForCausalLM
 from .saving import check_output_dir, write_atomically
 from .statistics import LayerStatistics, stream_layer_statistics
 from .stats_cache import StatisticsCache, statistics_key, tensor_digest
-from .streaming import CheckpointWeights, LazyLayers, ShardWriter, empty_model, materialize, resolve_checkpoint_dir
+from .streaming import (CheckpointWeights, LazyLayers, ShardWriter, empty_model, materialize, move_buffers,
+                        resolve_checkpoint_dir)
 from .version import __version__
 
 # Below this many calibration tokens per MLP channel the down_proj refit is skipped (see compress).
@@ -120,13 +121,15 @@ class A3Compressor(OptimumQuantizer):
             model = empty_model(directory, model.config.dtype, trust_remote_code)
         dtype = model.dtype
         adapter_for(model)  # refuse unsupported architectures before reading any weight
+        device = torch.device(self.config.device or "cpu")
+        move_buffers(model, device)
         names = {module: name for name, module in model.named_modules()}
         embeddings = model.get_input_embeddings()
-        materialize(embeddings, names[embeddings] + ".", weights, dtype)
+        materialize(embeddings, names[embeddings] + ".", weights, dtype, device)
         if getattr(model.config, "tie_word_embeddings", False):
             model.tie_weights()  # lm_head shares the materialised embedding again (counted once)
         layers = adapter_for(model).layers(model)
-        lazy = LazyLayers(layers, names[layers] + ".", weights, dtype)
+        lazy = LazyLayers(layers, names[layers] + ".", weights, dtype, device)
 
         def write(tmp: str) -> None:
             writer = ShardWriter(tmp, max_shard_size)

@@ -173,8 +173,11 @@ def _stream(model, adapter, layers, geometry, input_ids, batch_size, want_head_a
             # then feed the next layer instead of the original ones.
             replacement = propagate.pop(idx, None) if propagate is not None else None
             if replacement is not None:
+                outputs = None  # free the original outputs first: at most two copies of the activations live
                 outputs = [(_layer_output(replacement, hidden, kwargs), kwargs) for hidden, kwargs in inputs]
             inputs = outputs
+            if layer_loader is not None:
+                layer_loader.release(idx)
         bar.close()
 
 

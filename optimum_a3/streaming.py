@@ -90,6 +90,14 @@ def empty_model(directory: str, dtype: torch.dtype, trust_remote_code: bool = Fa
     return model.eval()
 
 
+def move_buffers(model: nn.Module, device: torch.device) -> None:
+    """Move the real (non-meta) buffers of an empty model, e.g. RoPE frequencies, to ``device``."""
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and buffer.device.type != "meta":
+                module._buffers[name] = buffer.to(device)
+
+
 def materialize(module: nn.Module, prefix: str, weights: CheckpointWeights, dtype: torch.dtype,
                 device: torch.device | str = "cpu") -> None:
     """Give ``module`` (named ``prefix`` in the checkpoint) its weights from the checkpoint."""
@@ -156,7 +164,7 @@ class ShardWriter:
             size = tensor.numel() * tensor.element_size()
             if self.pending and self.pending_bytes + size > self.max_bytes:
                 self._flush()
-            self.pending[name] = tensor.detach().contiguous()
+            self.pending[name] = tensor.detach().to("cpu").contiguous()
             self.pending_bytes += size
             self.total_bytes += size
             self.total_params += tensor.numel()
