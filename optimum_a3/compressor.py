@@ -25,7 +25,7 @@ from .saving import check_output_dir, write_atomically
 from .statistics import LayerStatistics, stream_layer_statistics
 from .stats_cache import StatisticsCache, statistics_key, tensor_digest
 from .streaming import (CheckpointWeights, LazyLayers, ShardWriter, empty_model, materialize, move_buffers,
-                        resolve_checkpoint_dir)
+                        resolve_checkpoint_dir, return_large_frees_to_the_os)
 from .version import __version__
 
 # Below this many calibration tokens per MLP channel the down_proj refit is skipped (see compress).
@@ -99,6 +99,8 @@ class A3Compressor(OptimumQuantizer):
         of weights and its float64 statistics, the calibration activations of one layer and one output
         shard (``max_shard_size``) — not the model. The checkpoint is the same, tensor for tensor, as
         ``save(compress(model))`` on the loaded model. It is written atomically like :meth:`save`.
+        On Linux/glibc it sets malloc's mmap threshold to 1 MiB for the process, so that freed
+        activations leave memory (see :func:`optimum_a3.streaming.return_large_frees_to_the_os`).
 
         Args:
             model_path: a local directory with ``model.safetensors`` (or an index of shards) or a Hub id.
@@ -111,6 +113,7 @@ class A3Compressor(OptimumQuantizer):
         from transformers import AutoTokenizer
 
         directory = resolve_checkpoint_dir(str(model_path))
+        return_large_frees_to_the_os()  # else freed activations stay resident (see its docstring)
         save_dir = str(save_dir)
         check_output_dir(save_dir, overwrite)
         weights = CheckpointWeights(directory)

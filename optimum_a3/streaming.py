@@ -9,8 +9,11 @@ of weights plus its float64 statistics plus the calibration activations plus one
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
+import sys
 from collections import defaultdict
 
 import torch
@@ -23,6 +26,25 @@ from .loading import ModelLoadError
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SAFETENSORS_METADATA = {"format": "pt"}  # what save_pretrained writes; keeps files byte-identical
+
+
+def return_large_frees_to_the_os(threshold_bytes: int = 1 << 20) -> bool:
+    """Ask glibc to serve allocations above ``threshold_bytes`` with mmap, so freeing them returns the
+    memory to the OS at once (Linux/glibc only; a no-op elsewhere). Returns whether it was applied.
+
+    glibc raises its mmap threshold after large frees, after which activation-sized tensors come from
+    the heap and freed holes stay resident: measured on SmolLM2 streaming 8 x 2048 tokens, resident
+    memory grew by ~40 MB per layer instead of the ~11 MB of output it holds. A fixed threshold keeps it
+    flat. It is process-wide and costs a page-zeroing mmap per large allocation.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_mmap_threshold = -3  # from malloc.h
+        return bool(libc.mallopt(m_mmap_threshold, int(threshold_bytes)))
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return False
 
 
 def resolve_checkpoint_dir(spec: str, revision: str | None = None) -> str:
