@@ -299,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = commands[args.command](args)
     except (A3ConfigError, UnsupportedModelError, CalibrationDataError, DataSourceError, ModelLoadError,
-            OutputDirError, CheckpointError, HubPushError, ModelCardError, HFValidationError, OSError) as exc:
+            OutputDirError, CheckpointError, HubPushError, ModelCardError, HFValidationError,
+            OSError) as exc:
         print(f"optimum-a3 {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))
