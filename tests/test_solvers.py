@@ -6,8 +6,16 @@ import torch
 from optimum_a3 import solvers
 from optimum_a3.linalg import psd_roots
 
-torch.set_default_dtype(torch.float64)
 D, HD = 24, 8
+
+
+@pytest.fixture(autouse=True)
+def float64_by_default():
+    # Set per test and restored: a module-level set_default_dtype would leak into every later test file.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def random_psd(n, seed, decay=0.85):
