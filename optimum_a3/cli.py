@@ -1,4 +1,4 @@
-"""Command line: ``optimum-a3 compress | eval | push``."""
+"""Command line: ``optimum-a3 compress | eval | push | quantize | recover``."""
 
 from __future__ import annotations
 
@@ -25,12 +25,27 @@ PUSH_EXAMPLES = """\
   # publish a saved checkpoint
   optimum-a3 push outputs/smollm2-a3-20 my-org/SmolLM2-135M-A3-20 --private
 """
+QUANTIZE_EXAMPLES = """\
+  # 4-bit HQQ (group 64) of a saved A3 checkpoint, bf16 scales and embeddings, perplexity after
+  optimum-a3 quantize outputs/smollm2-a3-20 --output outputs/smollm2-a3-20-hqq4 --eval wikitext2 --eval-windows 12
+
+  # optimum-quanto int4 instead (safetensors; quanto picks the group size)
+  optimum-a3 quantize outputs/smollm2-a3-20 --output outputs/smollm2-a3-20-quanto4 --backend quanto
+
+  Reload in Python with optimum_a3.quantization.load_quantized(DIR).
+"""
+RECOVER_EXAMPLES = """\
+  # 300 LoRA steps (rank 8) on the offline Wikipedia text, merged, saved as a plain A3 checkpoint
+  optimum-a3 recover outputs/smollm2-a3-20 --output outputs/smollm2-a3-20-lora --steps 300 \\
+      --eval wikitext2 --eval-windows 12
+"""
 HUB_NOTE = """
 The Hub token is --token, else HF_TOKEN, else the one saved by `hf auth login`; HF_ENDPOINT selects the Hub.
 A compressed model loads anywhere with plain transformers:
   AutoModelForCausalLM.from_pretrained("my-org/SmolLM2-135M-A3-20", trust_remote_code=True)
 """
-EXAMPLES = "examples:\n" + COMPRESS_EXAMPLES + "\n" + EVAL_EXAMPLES + "\n" + PUSH_EXAMPLES + HUB_NOTE
+EXAMPLES = ("examples:\n" + COMPRESS_EXAMPLES + "\n" + EVAL_EXAMPLES + "\n" + PUSH_EXAMPLES + "\n" + QUANTIZE_EXAMPLES
+            + "\n" + RECOVER_EXAMPLES + HUB_NOTE)
 
 DESCRIPTION = """\
 Compress causal LMs with A3 (analytical low-rank, arXiv 2505.12942) into smaller dense models,
@@ -46,6 +61,11 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window length (default 2048, the paper's)")
     p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows (quick runs)")
     p.add_argument("--eval-batch-size", type=int, default=1, help="windows per forward pass")
+
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", "-o", required=True, help="directory to write (must be empty unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
 
 
 def _add_hub_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -72,8 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n" + COMPRESS_EXAMPLES + HUB_NOTE, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     c.add_argument("model", help="hub id, local directory, .gguf file, or 'smollm2-offline' (the embedded default)")
-    c.add_argument("--output", "-o", required=True, help="directory to write (must be empty unless --overwrite)")
-    c.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    _add_output_options(c)
     c.add_argument("--device", default=None, help="device for calibration and solvers (default: the model's)")
     c.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
                    help="stream the model one decoder layer at a time from its safetensors shards and write the "
@@ -137,7 +156,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory", help="checkpoint directory")
     p.add_argument("repo_id", metavar="REPO", help="Hub repo id, namespace/name")
     _add_hub_options(p)
+
+    q = sub.add_parser("quantize", help="4-bit weight quantization of a (compressed) checkpoint (hqq or optimum-quanto)",
+                       description=_wrap("Quantize the decoder linears of MODEL (an A3 checkpoint or any causal LM) "
+                                         "and save it in the backend's format, reloadable with "
+                                         "optimum_a3.quantization.load_quantized. Needs the 'quant' extra."),
+                       epilog="examples:\n" + QUANTIZE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("model", help="checkpoint directory, hub id, .gguf file or 'smollm2-offline'")
+    _add_output_options(q)
+    q.add_argument("--backend", choices=["hqq", "quanto"], default="hqq", help="hqq (default, any group size) or quanto")
+    q.add_argument("--bits", type=int, default=4, help="weight bits (hqq 1/2/3/4/8, quanto 2/4/8; default 4)")
+    q.add_argument("--group-size", type=int, default=None, help="hqq group size (default 64); not for quanto")
+    q.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                   help="dtype of scales, embeddings and compute (default bfloat16)")
+    q.add_argument("--skip", nargs="*", default=["lm_head"], help="linear layers left in float (default lm_head)")
+    _add_eval_after_options(q, "report perplexity after quantization on SOURCE (e.g. wikitext2)")
+
+    r = sub.add_parser("recover", help="short LoRA fine-tune of an A3 checkpoint, merged back (same architecture)",
+                       description=_wrap("Fine-tune a saved A3 checkpoint with LoRA on text, merge the adapters and "
+                                         "save a plain A3 checkpoint with the same dims (reloadable with "
+                                         "trust_remote_code=True). Needs the 'quant' extra (peft)."),
+                       epilog="examples:\n" + RECOVER_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("model", help="A3 checkpoint directory or hub id")
+    _add_output_options(r)
+    r.add_argument("--dataset", default="wikipedia-offline:train",
+                   help="training text (any calibration source; default the offline Wikipedia)")
+    r.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    r.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8, the paper's)")
+    r.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
+    r.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
+    r.add_argument("--seqlen", type=int, default=256, help="tokens per training window")
+    r.add_argument("--batch-size", type=int, default=1, help="windows per step")
+    r.add_argument("--seed", type=int, default=0, help="seed of the window sampling and LoRA init")
+    r.add_argument("--bf16-autocast", action="store_true",
+                   help="forward/backward in bfloat16 autocast (about 2x faster on CPUs with AVX512-BF16)")
+    _add_eval_after_options(r, "report perplexity before and after on SOURCE (e.g. wikitext2)")
     return parser
+
+
+def _add_eval_after_options(p: argparse.ArgumentParser, help_text: str) -> None:
+    p.add_argument("--eval", dest="eval_source", default=None, metavar="SOURCE", help=help_text)
+    _add_eval_options(p)
 
 
 def _ppl(model, tokenizer, source, args) -> float:
@@ -276,6 +335,56 @@ def run_push(args) -> dict:
     return {"directory": args.directory, **_push(args.directory, args.repo_id, args)}
 
 
+def run_quantize(args) -> dict:
+    import torch
+
+    from .loading import load_model_and_tokenizer
+    from .quantization import RECORD_KEY, inference_mode_as_no_grad, quantize_model, save_quantized
+    from .saving import check_output_dir
+
+    check_output_dir(args.output, args.overwrite)  # before any expensive work
+    _check_model_spec(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=True)
+    model = quantize_model(model, backend=args.backend, bits=args.bits, group_size=args.group_size,
+                           skip=tuple(args.skip), dtype=getattr(torch, args.dtype))
+    summary = {"model": args.model, "output": args.output, **getattr(model.config, RECORD_KEY)}
+    if args.eval_source:
+        with inference_mode_as_no_grad(model):  # quanto's 4-bit layers fail under inference_mode
+            summary["ppl"] = _ppl(model, tokenizer, args.eval_source, args)
+    save_quantized(model, args.output, tokenizer=tokenizer, overwrite=args.overwrite)
+    return summary
+
+
+def run_recover(args) -> dict:
+    import torch
+
+    from .compressor import A3Compressor
+    from .config import A3Config
+    from .loading import load_model_and_tokenizer
+    from .recovery import recover_with_lora
+    from .saving import check_output_dir
+
+    check_output_dir(args.output, args.overwrite)  # before any expensive work
+    _check_model_spec(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model)  # the installed A3 class, which save() expects
+    summary = {"model": args.model, "output": args.output}
+    if args.eval_source:
+        summary["ppl_before"] = _ppl(model, tokenizer, args.eval_source, args)
+    recovered = recover_with_lora(model, tokenizer, dataset=args.dataset, steps=args.steps, rank=args.rank,
+                                  alpha=args.alpha, learning_rate=args.lr, seqlen=args.seqlen,
+                                  batch_size=args.batch_size, seed=args.seed,
+                                  autocast_dtype=torch.bfloat16 if args.bf16_autocast else None)
+    summary["recovery"] = recovered.config.a3_compression["recovery"]
+    if args.eval_source:
+        summary["ppl_after"] = _ppl(recovered, tokenizer, args.eval_source, args)
+        recovered.config.a3_compression["evaluation"] = {  # for the model card; the dense figure was not measured
+            "source": args.eval_source, "seqlen": args.eval_seqlen, "max_windows": args.eval_windows,
+            "ppl_dense": None, "ppl_compressed": summary["ppl_after"], "ppl_before_recovery": summary["ppl_before"]}
+    # save() writes the model as it is: the compressor's own settings play no part.
+    A3Compressor(A3Config(ratio=0.0)).save(recovered, args.output, tokenizer=tokenizer, overwrite=args.overwrite)
+    return summary
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 400 else text[:397] + "..."
@@ -293,14 +402,17 @@ def main(argv: list[str] | None = None) -> int:
     from .hub import CheckpointError, HubPushError
     from .loading import ModelLoadError
     from .model_card import ModelCardError
+    from .quantization import QuantizationError
+    from .recovery import RecoveryError
     from .saving import OutputDirError
 
-    commands = {"compress": run_compress, "eval": run_eval, "push": run_push}
+    commands = {"compress": run_compress, "eval": run_eval, "push": run_push, "quantize": run_quantize,
+                "recover": run_recover}
     try:
         result = commands[args.command](args)
     except (A3ConfigError, UnsupportedModelError, CalibrationDataError, DataSourceError, ModelLoadError,
             OutputDirError, CheckpointError, HubPushError, ModelCardError, HFValidationError,
-            OSError) as exc:
+            QuantizationError, RecoveryError, OSError) as exc:
         print(f"optimum-a3 {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))

@@ -356,6 +356,7 @@ def card_context(source: Any, *, repo_id: str | None = None, license: str | None
     calibration["tokens_text"] = f"{calibration['tokens']:,}" if calibration.get("tokens") else ""
 
     evaluation = _evaluation(record.get("evaluation"))
+    recovery = _recovery(record.get("recovery"))
     ratio = record.get("ratio")
     preset = record.get("preset")
     load_id = repo_id or "path/to/this/checkpoint"
@@ -386,6 +387,7 @@ def card_context(source: Any, *, repo_id: str | None = None, license: str | None
         "kv": {"reduction": _reduction(*kv) if kv[0] and kv[1] is not None and kv[1] < kv[0] else None},
         "calibration": calibration,
         "evaluation": evaluation,
+        "recovery": recovery,
         "has_tokenizer": has_tokenizer,
         "license": license_fields.get("license"),
         "license_fields": license_fields,
@@ -428,9 +430,22 @@ def _evaluation(ev: Any) -> dict | None:
         source = f"the local file `{os.path.basename(source)}`"
     else:
         source = f"`{source}`"
+    before_recovery = ev.get("ppl_before_recovery")
     return {"source": source, "windows_text": windows,
             "ppl_dense": f"{dense:.3f}" if dense is not None else None, "ppl_compressed": f"{compressed:.3f}",
+            "ppl_before_recovery": f"{before_recovery:.3f}" if before_recovery is not None else None,
             "change": change}
+
+
+def _recovery(rec: Any) -> dict | None:
+    """The LoRA recovery fine-tune (optimum_a3.recovery), when one was run after compression."""
+    if not isinstance(rec, dict) or rec.get("method") != "lora":
+        return None
+    return {**{k: rec.get(k) for k in ("rank", "alpha", "steps", "batch_size", "seqlen", "learning_rate", "seed")},
+            "tokens_text": f"{rec['tokens']:,}" if rec.get("tokens") else "?",
+            "dataset_text": _dataset_text(rec.get("dataset")),
+            "loss_first": f"{rec['loss_first_steps']:.3f}" if rec.get("loss_first_steps") is not None else "?",
+            "loss_last": f"{rec['loss_last_steps']:.3f}" if rec.get("loss_last_steps") is not None else "?"}
 
 
 # ----------------------------------------------------------------------------------------- render

@@ -130,6 +130,35 @@ def test_low_memory_compress_with_stats_cache(base_dir, tmp_path, capsys):
     assert json.loads((tmp_path / "0.5" / "config.json").read_text())["head_dim_vo"] == 8
 
 
+def test_quantize_saves_a_reloadable_4bit_checkpoint(compressed_dir, base_dir, tmp_path, capsys):
+    from optimum_a3.quantization import load_quantized, quantized_backend
+
+    text = str(base_dir / "text.txt")
+    code, out, err = run(capsys, ["quantize", str(compressed_dir), "-o", str(tmp_path / "q"), "--backend", "hqq",
+                                  "--dtype", "float32", "--eval", text, "--eval-seqlen", "32", "--eval-windows", "2"])
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["backend"] == "hqq" and summary["bits"] == 4 and summary["ppl"] > 1
+    reloaded = load_quantized(tmp_path / "q")
+    assert quantized_backend(reloaded) == "hqq"
+    assert reloaded.config.head_dim_vo == json.loads((compressed_dir / "config.json").read_text())["head_dim_vo"]
+
+
+def test_recover_fine_tunes_and_saves_a_plain_a3_checkpoint(compressed_dir, base_dir, tmp_path, capsys):
+    text = str(base_dir / "text.txt")
+    code, out, err = run(capsys, ["recover", str(compressed_dir), "-o", str(tmp_path / "r"), "--dataset", text,
+                                  "--steps", "6", "--seqlen", "32", "--lr", "1e-2", "--eval", text,
+                                  "--eval-seqlen", "32", "--eval-windows", "2"])
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["recovery"]["steps"] == 6 and summary["ppl_after"] < summary["ppl_before"]
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    before = json.loads((compressed_dir / "config.json").read_text())
+    assert {k: config[k] for k in ("head_dim_qk", "head_dim_vo", "intermediate_size")} == \
+        {k: before[k] for k in ("head_dim_qk", "head_dim_vo", "intermediate_size")}
+    assert config["a3_compression"]["recovery"]["rank"] == 8
+
+
 @pytest.mark.parametrize("argv,command,match", [
     (["compress", "{base}", "--ratio", "1.5", "-o", "{tmp}/o"], "compress", "ratio must be in [0, 1)"),
     (["compress", "{base}", "--ratio", "0.2", "-o", "{busy}"], "compress", "is not empty"),
@@ -146,6 +175,10 @@ def test_low_memory_compress_with_stats_cache(base_dir, tmp_path, capsys):
     (["eval", "{tmp}/no-such-checkpoint"], "eval", "no such file or directory"),
     (["push", "{tmp}/no-such-checkpoint", "a3-tester/x"], "push", "is not a directory"),
     (["push", "{base}", "a3-tester/x"], "push", "no `a3_compression` record"),
+    (["quantize", "{base}", "-o", "{tmp}/o", "--backend", "quanto", "--bits", "3"], "quantize", "supports bits in"),
+    (["quantize", "{base}", "-o", "{busy}"], "quantize", "is not empty"),
+    (["recover", "{base}", "-o", "{tmp}/o", "--steps", "2"], "recover", "expects an A3 model"),
+    (["recover", "{tmp}/no-such-checkpoint", "-o", "{tmp}/o"], "recover", "no such file or directory"),
 ])
 def test_bad_input_exits_2_with_one_line(argv, command, match, base_dir, tmp_path, capsys):
     busy = tmp_path / "busy"
@@ -172,9 +205,9 @@ def test_help_documents_every_command(capsys):
         main(["--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    for command in ("compress", "eval", "push"):
+    for command in ("compress", "eval", "push", "quantize", "recover"):
         assert command in text
-    for sub in ("compress", "eval", "push"):
+    for sub in ("compress", "eval", "push", "quantize", "recover"):
         with pytest.raises(SystemExit):
             main([sub, "--help"])
         text = capsys.readouterr().out

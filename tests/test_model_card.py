@@ -79,6 +79,23 @@ def test_recorded_sizes_and_evaluation_are_shown_and_only_then():
     assert "No evaluation was recorded" not in card
 
 
+def test_recovery_fine_tune_is_described_only_when_it_ran():
+    _, small = compressed()
+    assert "Recovery fine-tune" not in render_model_card(small) and "without any fine-tuning" in render_model_card(small)
+    record = small.config.a3_compression
+    record["recovery"] = {"method": "lora", "rank": 8, "alpha": 16, "steps": 300, "batch_size": 1, "seqlen": 256,
+                          "learning_rate": 3e-4, "dataset": "wikipedia-offline:train", "tokens": 76800, "seed": 0,
+                          "loss_first_steps": 3.25, "loss_last_steps": 2.5}
+    record["evaluation"] = {"source": "wikitext2", "seqlen": 2048, "max_windows": 12, "ppl_dense": None,
+                            "ppl_compressed": 37.5, "ppl_before_recovery": 39.25}
+    card = render_model_card(small)
+    assert "LoRA (rank 8, alpha 16) for\n300 steps of 1 × 256 tokens (76,800\ntokens)" in card
+    assert "Training loss went from 3.250 (first steps) to 2.500 (last steps)." in card
+    assert "| A3-compressed, before the recovery fine-tune | 39.250 |" in card
+    assert "| A3-compressed + LoRA recovery | 37.500 |" in card and "Base (dense)" not in card
+    assert "with only a short LoRA fine-tune afterwards" in card
+
+
 def test_per_layer_dims_license_from_local_base_and_write(tmp_path):
     base = tmp_path / "base"
     tiny_llama().save_pretrained(base)

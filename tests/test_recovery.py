@@ -1,0 +1,95 @@
+"""LoRA recovery fine-tune of A3 models: lower training loss, unchanged architecture, reproducible."""
+
+import copy
+
+import pytest
+import torch
+
+from optimum_a3 import A3Compressor, A3Config, A3LlamaForCausalLM
+from optimum_a3.calibration import calibration_windows
+from optimum_a3.quantization import quantize_model
+from optimum_a3.recovery import RecoveryError, lm_loss, recover_with_lora
+from tiny_models import random_token_windows, tiny_llama, tiny_tokenizer
+
+CALIB = random_token_windows(8, 32, seed=11)
+TEXT = [f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i * 7}." for i in range(120)]
+RUN = {"dataset": TEXT, "steps": 12, "seqlen": 48, "learning_rate": 1e-2, "seed": 0, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def a3_model():
+    return A3Compressor(A3Config(ratio=0.25)).compress(tiny_llama(), calibration_ids=CALIB, progress=False)
+
+
+@pytest.fixture(scope="module")
+def recovered(a3_model, tokenizer):
+    return recover_with_lora(a3_model, tokenizer, **RUN)
+
+
+def test_training_loss_drops_and_architecture_is_unchanged(a3_model, recovered, tokenizer):
+    windows = calibration_windows(tokenizer, TEXT, RUN["steps"], RUN["seqlen"], RUN["seed"])  # the training windows
+    assert lm_loss(recovered, windows) < lm_loss(a3_model, windows) - 0.1
+    assert type(recovered) is A3LlamaForCausalLM
+    before, after = a3_model.state_dict(), recovered.state_dict()
+    assert before.keys() == after.keys()  # merged: no lora_A/lora_B left
+    assert all(after[k].shape == v.shape and after[k].dtype == v.dtype for k, v in before.items())
+    for name in ("head_dim_qk", "head_dim_vo", "intermediate_size"):
+        assert getattr(recovered.config, name) == getattr(a3_model.config, name)
+    for old, new in zip(a3_model.model.layers, recovered.model.layers):
+        assert torch.equal(new.self_attn.rope_pairs, old.self_attn.rope_pairs)
+        assert not torch.equal(new.self_attn.q_proj.weight, old.self_attn.q_proj.weight)  # the adapters were merged
+    assert torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
+    assert recovered.lm_head.weight.data_ptr() == recovered.model.embed_tokens.weight.data_ptr()  # still tied
+    record = recovered.config.a3_compression["recovery"]
+    assert record["rank"] == 8 and record["steps"] == 12 and record["loss_last_steps"] < record["loss_first_steps"]
+    assert "recovery" not in a3_model.config.a3_compression  # the input model is left as it was
+
+
+def test_same_seed_same_weights_other_seed_other_weights(a3_model, recovered, tokenizer):
+    again = recover_with_lora(a3_model, tokenizer, **RUN).state_dict()
+    assert all(torch.equal(again[k], v) for k, v in recovered.state_dict().items())
+    other = recover_with_lora(a3_model, tokenizer, **{**RUN, "seed": 1}).state_dict()
+    assert any(not torch.equal(other[k], v) for k, v in recovered.state_dict().items())
+
+
+def test_recovered_model_saves_and_reloads(tmp_path, recovered):
+    A3Compressor(A3Config(ratio=0.25)).save(recovered, tmp_path / "ckpt")
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", trust_remote_code=True).eval()
+    ids = CALIB[:2, :16]
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, recovered(ids).logits)
+    assert reloaded.config.a3_compression["recovery"]["rank"] == 8
+
+
+def test_train_ids_replace_text(a3_model):
+    ids = random_token_windows(5, 16, seed=3)
+    model = recover_with_lora(a3_model, train_ids=ids, steps=5, seqlen=16, rank=2, progress=False)
+    assert model.config.a3_compression["recovery"]["dataset"] == "user-provided token ids"
+
+
+def test_bad_inputs_give_clear_errors(a3_model, tokenizer):
+    with pytest.raises(RecoveryError, match="expects an A3 model"):
+        recover_with_lora(tiny_llama(), tokenizer, **RUN)
+    with pytest.raises(RecoveryError, match="is quantized"):
+        recover_with_lora(quantize_model(copy.deepcopy(a3_model), backend="quanto"), tokenizer, **RUN)
+    with pytest.raises(RecoveryError, match="too little training text for 500 windows of 48 tokens"):
+        recover_with_lora(a3_model, tokenizer, **{**RUN, "steps": 500})
+    with pytest.raises(RecoveryError, match="train_ids has 3 windows"):
+        recover_with_lora(a3_model, train_ids=random_token_windows(3, 16), steps=5, seqlen=16, progress=False)
+    with pytest.raises(RecoveryError, match="shape"):
+        recover_with_lora(a3_model, train_ids=random_token_windows(8, 16), steps=5, seqlen=32, progress=False)
+    with pytest.raises(RecoveryError, match="tokenizer is needed"):
+        recover_with_lora(a3_model, dataset=TEXT, steps=2, progress=False)
+    for bad in ({"steps": 0}, {"rank": 0}, {"seqlen": 1}, {"learning_rate": 0.0}, {"learning_rate": float("nan")},
+                {"warmup_steps": 12}, {"batch_size": 1.5}):
+        with pytest.raises(RecoveryError):
+            recover_with_lora(a3_model, tokenizer, **{**RUN, **bad})
+    with pytest.raises(RecoveryError, match="loss became"):
+        recover_with_lora(a3_model, tokenizer, **{**RUN, "learning_rate": 1e30})
