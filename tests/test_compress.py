@@ -245,6 +245,31 @@ def test_sdpa_matches_eager_when_qk_and_vo_dims_differ():
     torch.testing.assert_close(sdpa, logits(wider_vo), rtol=1e-5, atol=1e-5)
 
 
+def test_fast_paths_of_the_modeling_code_match_the_plain_formulas():
+    from optimum_a3.models.a3_llama import modeling_a3_llama as modeling
+
+    small = compress(tiny_llama(), head_dim_qk=10, head_dim_vo=7, intermediate_size=50)
+    # MLP: widths that are not a multiple of 8 are computed as weight @ x.T on CPU (faster with MKL).
+    mlp = small.model.layers[0].mlp
+    x = torch.randn(2, 16, small.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    assert modeling._token_major(32, mlp.gate_proj.out_features)
+    with torch.no_grad():
+        reference = mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+        torch.testing.assert_close(mlp(x), reference, rtol=1e-5, atol=1e-6)
+    # RoPE: written straight into the zero-padded buffer without autograd; the same values with it.
+    q = torch.randn(2, 3, 2, 5, 10, generator=torch.Generator().manual_seed(4))
+    angles = torch.rand(2, 3, 1, 5, 5, generator=torch.Generator().manual_seed(5)) * 6
+    cos, sin = angles.cos(), angles.sin()
+    reference = q * torch.cat((cos, cos), -1) + torch.cat((-q[..., 5:], q[..., :5]), -1) * torch.cat((sin, sin), -1)
+    with torch.no_grad():
+        fast = modeling.apply_kept_rotary(q, cos, sin, 12)
+    with_grad = modeling.apply_kept_rotary(q.clone().requires_grad_(), cos, sin, 12)
+    torch.testing.assert_close(fast[..., :10], reference)
+    assert torch.equal(fast[..., 10:], torch.zeros_like(fast[..., 10:]))
+    torch.testing.assert_close(with_grad.detach(), fast)
+    assert modeling.common_head_dim(10, 7) == 12 and modeling.common_head_dim(52, 51) == 52
+
+
 def test_mlp_refit_lowers_mlp_output_error_on_calibration_data():
     model = tiny_llama()
     plain = compress(model, components=["mlp"], intermediate_size=40, method="paper")

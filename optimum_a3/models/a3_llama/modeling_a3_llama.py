@@ -81,11 +81,51 @@ class A3LlamaRotaryEmbedding(nn.Module):
         return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
 
 
-def rotate_half(x):
-    """Rotates half the hidden dims of the input (pairs dim p with dim p + d/2)."""
-    x1 = x[..., : x.shape[-1] // 2]
-    x2 = x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), dim=-1)
+def apply_kept_rotary(x, cos, sin, width):
+    """RoPE in the half-split layout (dim p pairs with p + d/2, as HF `rotate_half`), zero-padded to `width`.
+
+    `x` (..., d) with the angles `cos`/`sin` (..., d/2) of its d/2 kept pairs: the first half becomes
+    `x1*cos - x2*sin`, the second `x2*cos + x1*sin`, i.e. `x * cat(cos, cos) + rotate_half(x) * cat(sin, sin)`.
+    Without autograd the halves are written straight into the padded output (no rotated copy, no
+    `cat`, no separate padding copy).
+    """
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    if torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad):
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return nn.functional.pad(out, (0, width - 2 * half)) if width > 2 * half else out
+    out = x.new_empty(*torch.broadcast_shapes(x1.shape, cos.shape)[:-1], width)
+    o1, o2 = out[..., :half], out[..., half : 2 * half]
+    torch.mul(x1, cos, out=o1)
+    o1.addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=o2)
+    o2.addcmul_(x1, sin)
+    if width > 2 * half:
+        out[..., 2 * half :].zero_()
+    return out
+
+
+def _plain_linear(module) -> bool:
+    """A bare `nn.Linear` without hooks (not wrapped or replaced, e.g. by quantization or adapters),
+    whose product may be computed from its weight directly."""
+    return type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+
+
+def _token_major(tokens: int, out_features: int) -> bool:
+    """Whether to compute a linear layer as `weight @ x.T` (see `_linear_transposed`).
+
+    MKL writes row-major (tokens, out) outputs whose width is not a multiple of 8 (A3 widths such as
+    1229) ~25-30% slower than aligned ones; the transposed product has the token count as its leading
+    dimension instead, which helps when that count is a multiple of 8 and not tiny.
+    """
+    return out_features % 8 != 0 and tokens % 8 == 0 and tokens >= 32
+
+
+def _linear_transposed(x, linear):
+    """`linear(x).T` for 2-D `x` (tokens, in), computed as `weight @ x.T` -> (out, tokens)."""
+    if linear.bias is None:
+        return torch.mm(linear.weight, x.t())
+    return torch.addmm(linear.bias[:, None], linear.weight, x.t())
 
 
 class A3LlamaMLP(nn.Module):
@@ -97,7 +137,14 @@ class A3LlamaMLP(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x):
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj, self.up_proj
+        tokens = x.numel() // x.shape[-1]
+        if x.device.type == "cpu" and _token_major(tokens, gate.out_features) and _plain_linear(gate) and _plain_linear(up):
+            flat = x.reshape(tokens, x.shape[-1])
+            hidden = self.act_fn(_linear_transposed(flat, gate)) * _linear_transposed(flat, up)  # (intermediate, tokens)
+            # `hidden.t()` is a view: down_proj reads it as a transposed operand, without a copy.
+            return self.down_proj(hidden.t().view(*x.shape[:-1], -1))
+        return self.down_proj(self.act_fn(gate(x)) * up(x))
 
 
 def repeat_kv(hidden_states, n_rep):
@@ -124,15 +171,18 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return attn_output, attn_weights
 
 
-def pad_to_common_head_dim(query, key, value):
-    """Zero-pad q/k or v on the last dim so all three share one head dim (results are unchanged)."""
-    qk_dim, vo_dim = query.shape[-1], value.shape[-1]
-    if qk_dim < vo_dim:
-        query = nn.functional.pad(query, (0, vo_dim - qk_dim))
-        key = nn.functional.pad(key, (0, vo_dim - qk_dim))
-    elif vo_dim < qk_dim:
-        value = nn.functional.pad(value, (0, qk_dim - vo_dim))
-    return query, key, value
+def pad_head_dim(states, width):
+    """Zero-pad the last dim to `width` (no copy when it already has that width)."""
+    return states if states.shape[-1] == width else nn.functional.pad(states, (0, width - states.shape[-1]))
+
+
+def common_head_dim(head_dim_qk: int, head_dim_vo: int) -> int:
+    """Head dim shared by q, k and v for SDPA: the larger one, rounded up to a multiple of 4.
+
+    Zero-padding is exact (zeros add nothing to q·k, padded value columns are sliced off); the CPU flash
+    kernel is markedly slower for head dims that are not a multiple of 4 (45 costs as much as 56).
+    """
+    return -(-max(head_dim_qk, head_dim_vo) // 4) * 4
 
 
 class A3LlamaAttention(nn.Module):
@@ -165,10 +215,13 @@ class A3LlamaAttention(nn.Module):
         self.register_buffer("rope_pairs", pairs, persistent=True)
 
     def kept_rotary(self, cos, sin):
-        """Gather this layer's frequencies: (batch, seq, head_dim/2) -> (batch, kv_heads, seq, head_dim_qk)."""
-        index = torch.cat([self.rope_pairs, self.rope_pairs], dim=-1)  # half-split layout, as rotate_half
-        cos = cos[..., index].permute(0, 2, 1, 3)
-        sin = sin[..., index].permute(0, 2, 1, 3)
+        """Gather this layer's frequencies: (batch, seq, head_dim/2) -> (batch, kv_heads, 1, seq, head_dim_qk/2).
+
+        One angle per kept pair (both halves of a head share it); the singleton dim broadcasts over the
+        query heads of each key/value group.
+        """
+        cos = cos[..., self.rope_pairs].permute(0, 2, 1, 3).unsqueeze(2)
+        sin = sin[..., self.rope_pairs].permute(0, 2, 1, 3).unsqueeze(2)
         return cos, sin
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, past_key_values=None, **kwargs):
@@ -182,22 +235,28 @@ class A3LlamaAttention(nn.Module):
         query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
         value_states = self.v_proj(hidden_states).view(batch, seq_len, -1, self.head_dim_vo).transpose(1, 2)
 
+        # Fused SDPA kernels need one head dim for q, k and v (`common_head_dim`; several times faster on
+        # CPU than the fallback). Without a cache, RoPE writes q and k straight into the padded tensors;
+        # the cache keeps the unpadded, smaller ones.
+        sdpa = self.config._attn_implementation != "eager"
+        width = common_head_dim(self.head_dim_qk, self.head_dim_vo) if sdpa else self.head_dim_qk
+        rope_width = width if cache is None else self.head_dim_qk
         cos, sin = self.kept_rotary(*position_embeddings)
-        key_states = key_states * cos + rotate_half(key_states) * sin
-        cos = cos.repeat_interleave(self.num_key_value_groups, dim=1)
-        sin = sin.repeat_interleave(self.num_key_value_groups, dim=1)
-        query_states = query_states * cos + rotate_half(query_states) * sin
+        kv_heads, groups = self.num_key_value_heads, self.num_key_value_groups
+        query_states = apply_kept_rotary(
+            query_states.view(batch, kv_heads, groups, seq_len, self.head_dim_qk), cos, sin, rope_width
+        ).view(batch, self.num_heads, seq_len, rope_width)
+        key_states = apply_kept_rotary(key_states.unsqueeze(2), cos, sin, rope_width).squeeze(2)
 
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
 
         attention_interface: Callable = eager_attention_forward
-        if self.config._attn_implementation != "eager":
+        if sdpa:
             attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
-            # Fused SDPA kernels need one head dim for q, k and v; zero-padding the smaller side is exact
-            # (zeros add nothing to q·k, and padded value columns are sliced off) and several times
-            # faster on CPU than the fallback. The cache keeps the unpadded, smaller tensors.
-            query_states, key_states, value_states = pad_to_common_head_dim(query_states, key_states, value_states)
+            query_states, key_states, value_states = (
+                pad_head_dim(states, width) for states in (query_states, key_states, value_states)
+            )
 
         attn_output, attn_weights = attention_interface(
             self,
