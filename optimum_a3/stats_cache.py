@@ -14,11 +14,11 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .saving import partial_dir
 from .statistics import LayerStatistics
 from .version import __version__
 
@@ -85,7 +85,7 @@ class StatisticsCacheWriter:
     def __init__(self, cache: StatisticsCache, num_layers: int, calibration: dict):
         os.makedirs(cache.directory, exist_ok=True)
         self.cache, self.num_layers, self.calibration = cache, num_layers, calibration
-        self.tmp = tempfile.mkdtemp(prefix=".a3-stats-partial-", dir=cache.directory)
+        self.tmp = partial_dir(cache.directory, "a3-stats")
         self.residual_sq_mean: list[float] = []
         self.num_tokens = None
         self.flags = {}

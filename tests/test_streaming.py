@@ -85,7 +85,7 @@ def test_stats_cache_gives_the_same_checkpoint_and_skips_calibration(tmp_path):
     first = A3Compressor(config)
     first.compress_checkpoint(src, tmp_path / "first", calibration_ids=CALIBRATION, progress=False, stats_cache=cache)
     assert first.last_timings["stats_cache_hit"] is False
-    assert len(list(cache.glob("a3-stats-*"))) == 1 and not list(cache.glob(".a3-stats-partial-*"))
+    assert len(list(cache.glob("a3-stats-*"))) == 1 and not list(cache.glob(".a3-stats.partial-*"))
     second = A3Compressor(config)
     second.compress_checkpoint(src, tmp_path / "second", calibration_ids=CALIBRATION, progress=False,
                                stats_cache=cache)
@@ -156,13 +156,33 @@ def test_killed_compression_leaves_the_output_dir_untouched(tmp_path, sig):
     # Half-written work exists, out of sight: shards in the partial checkpoint, layers in the partial cache.
     partial = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
     assert len(partial) == 1 and list(partial[0].glob(".shard-*"))
-    assert list(cache.glob(".a3-stats-partial-*/layer-*.safetensors"))
+    assert list(cache.glob(".a3-stats.partial-*/layer-*.safetensors"))
     proc.send_signal(sig)
     proc.wait(timeout=60)
     assert proc.returncode != 0
     assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
     assert (out / "precious.txt").read_text() == "an earlier checkpoint"
     assert not list(cache.glob("a3-stats-*"))  # no half cache entry is visible
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")] + \
+        list(cache.glob(".a3-stats.partial-*"))
     if sig == signal.SIGINT:  # the interpreter unwound: temporary directories are gone too
-        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
-        assert not list(cache.glob(".a3-stats-partial-*"))
+        assert not leftovers
+    else:  # nothing could run: the hidden work directories stay until the next run to the same places
+        assert len(leftovers) == 2
+        config = A3Config(ratio=0.25, method="paper", nsamples=8, seqlen=32, dataset=["calibration text. " * 300])
+        A3Compressor(config).compress_checkpoint(src, out, overwrite=True, progress=False, stats_cache=cache)
+        assert not any(p.exists() for p in leftovers)
+        assert (out / "config.json").is_file() and len(list(cache.glob("a3-stats-*"))) == 1
+
+
+def test_stale_partial_directories_of_live_processes_and_other_hosts_are_kept(tmp_path):
+    from optimum_a3.saving import _host, remove_stale_partials
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(done.stdout)  # that process has exited
+    names = {"dead": f".out.partial-{_host()}-{dead_pid}-abc", "live": f".out.partial-{_host()}-{os.getpid()}-abc",
+             "other host": f".out.partial-otherhost{_host()}-{dead_pid}-abc", "old": ".out.old-abc"}
+    for name in names.values():
+        (tmp_path / name).mkdir()
+    assert remove_stale_partials(str(tmp_path), "out") == [names["dead"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(v for k, v in names.items() if k != "dead")
