@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_options(r)
     r.add_argument("--dataset", default="wikipedia-offline:train",
                    help="training text (any calibration source; default the offline Wikipedia)")
-    r.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    r.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
     r.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8, the paper's)")
     r.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
     r.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
