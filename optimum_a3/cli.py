@@ -63,6 +63,12 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batch-size", type=int, default=1, help="windows per forward pass")
 
 
+def _add_command(sub, name: str, help: str, description: str, examples: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows ``description`` (re-wrapped) and ``examples`` verbatim."""
+    return sub.add_parser(name, help=help, description=_wrap(description), epilog="examples:\n" + examples,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def _add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", "-o", required=True, help="directory to write (must be empty unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
@@ -84,13 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    c = sub.add_parser(
-        "compress", help="compress a model and save it (reloadable with trust_remote_code=True)",
-        description=_wrap("Compress MODEL with A3 and save the result to --output: safetensors weights, config "
-                          "with auto_map, the self-contained modeling code and the tokenizer. Give --ratio, or "
-                          "explicit dims. With --push-to-hub the checkpoint is then uploaded with a model card."),
-        epilog="examples:\n" + COMPRESS_EXAMPLES + HUB_NOTE, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    c = _add_command(sub, "compress", "compress a model and save it (reloadable with trust_remote_code=True)",
+                     "Compress MODEL with A3 and save the result to --output: safetensors weights, config with "
+                     "auto_map, the self-contained modeling code and the tokenizer. Give --ratio, or explicit dims. "
+                     "With --push-to-hub the checkpoint is then uploaded with a model card.",
+                     COMPRESS_EXAMPLES + HUB_NOTE)
     c.add_argument("model", help="hub id, local directory, .gguf file, or 'smollm2-offline' (the embedded default)")
     _add_output_options(c)
     c.add_argument("--device", default=None, help="device for calibration and solvers (default: the model's)")
@@ -124,44 +128,36 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--batch-size", type=int, default=1, help="calibration windows per forward pass")
     calib.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling")
     ev = c.add_argument_group("evaluation (recorded in the checkpoint and its model card)")
-    ev.add_argument("--eval", dest="eval_source", default=None, metavar="SOURCE",
-                    help="also report perplexity before and after on SOURCE "
-                         "(e.g. wikitext2, wikipedia-offline:heldout)")
-    _add_eval_options(ev)
+    _add_eval_after_options(ev, "also report perplexity before and after on SOURCE "
+                                "(e.g. wikitext2, wikipedia-offline:heldout)")
     hub = c.add_argument_group("publishing")
     hub.add_argument("--push-to-hub", metavar="REPO", default=None,
                      help="after saving, upload the checkpoint to the Hub repo REPO (namespace/name); the token is "
                           "checked before compressing")
     _add_hub_options(hub)
 
-    e = sub.add_parser("eval", help="perplexity of a model (the GPTQ / SVD-LLM / A3 protocol)",
-                       description=_wrap("Perplexity of MODEL on non-overlapping windows of SOURCE (the GPTQ / "
-                                         "SVD-LLM / A3 protocol). Compressed checkpoints load with "
-                                         "trust_remote_code=True."),
-                       epilog="examples:\n" + EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e = _add_command(sub, "eval", "perplexity of a model (the GPTQ / SVD-LLM / A3 protocol)",
+                     "Perplexity of MODEL on non-overlapping windows of SOURCE (the GPTQ / SVD-LLM / A3 protocol). "
+                     "Compressed checkpoints load with trust_remote_code=True.", EVAL_EXAMPLES)
     e.add_argument("model", help="compressed checkpoint directory, hub id, .gguf file or 'smollm2-offline'")
     e.add_argument("--source", default="wikitext2",
                    help="wikitext2 (local ../shared file first, then datasets), wikitext2:PATH, a text file, "
                         "or wikipedia-offline:heldout")
     _add_eval_options(e)
 
-    p = sub.add_parser("push", help="upload a saved compressed checkpoint to the Hub",
-                       description=_wrap("Upload the checkpoint in DIRECTORY (written by `optimum-a3 compress` or "
-                                         "A3Compressor.save) to the Hub repo REPO in one commit: weights, config, "
-                                         "modeling code, tokenizer and a model card rendered from the compression "
-                                         "record (a README.md you wrote yourself is kept). The repo is created if "
-                                         "needed; nothing is published if the push fails."),
-                       epilog="examples:\n" + PUSH_EXAMPLES + HUB_NOTE,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _add_command(sub, "push", "upload a saved compressed checkpoint to the Hub",
+                     "Upload the checkpoint in DIRECTORY (written by `optimum-a3 compress` or A3Compressor.save) to "
+                     "the Hub repo REPO in one commit: weights, config, modeling code, tokenizer and a model card "
+                     "rendered from the compression record (a README.md you wrote yourself is kept). The repo is "
+                     "created if needed; nothing is published if the push fails.", PUSH_EXAMPLES + HUB_NOTE)
     p.add_argument("directory", help="checkpoint directory")
     p.add_argument("repo_id", metavar="REPO", help="Hub repo id, namespace/name")
     _add_hub_options(p)
 
-    q = sub.add_parser("quantize", help="4-bit weight quantization of a (compressed) checkpoint (hqq or optimum-quanto)",
-                       description=_wrap("Quantize the decoder linears of MODEL (an A3 checkpoint or any causal LM) "
-                                         "and save it in the backend's format, reloadable with "
-                                         "optimum_a3.quantization.load_quantized. Needs the 'quant' extra."),
-                       epilog="examples:\n" + QUANTIZE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    q = _add_command(sub, "quantize", "4-bit weight quantization of a (compressed) checkpoint (hqq or optimum-quanto)",
+                     "Quantize the decoder linears of MODEL (an A3 checkpoint or any causal LM) and save it in the "
+                     "backend's format, reloadable with optimum_a3.quantization.load_quantized. Needs the 'quant' "
+                     "extra.", QUANTIZE_EXAMPLES)
     q.add_argument("model", help="checkpoint directory, hub id, .gguf file or 'smollm2-offline'")
     _add_output_options(q)
     q.add_argument("--backend", choices=["hqq", "quanto"], default="hqq", help="hqq (default, any group size) or quanto")
@@ -172,11 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--skip", nargs="*", default=["lm_head"], help="linear layers left in float (default lm_head)")
     _add_eval_after_options(q, "report perplexity after quantization on SOURCE (e.g. wikitext2)")
 
-    r = sub.add_parser("recover", help="short LoRA fine-tune of an A3 checkpoint, merged back (same architecture)",
-                       description=_wrap("Fine-tune a saved A3 checkpoint with LoRA on text, merge the adapters and "
-                                         "save a plain A3 checkpoint with the same dims (reloadable with "
-                                         "trust_remote_code=True). Needs the 'quant' extra (peft)."),
-                       epilog="examples:\n" + RECOVER_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r = _add_command(sub, "recover", "short LoRA fine-tune of an A3 checkpoint, merged back (same architecture)",
+                     "Fine-tune a saved A3 checkpoint with LoRA on text, merge the adapters and save a plain A3 "
+                     "checkpoint with the same dims (reloadable with trust_remote_code=True). Needs the 'quant' "
+                     "extra (peft).", RECOVER_EXAMPLES)
     r.add_argument("model", help="A3 checkpoint directory or hub id")
     _add_output_options(r)
     r.add_argument("--dataset", default="wikipedia-offline:train",

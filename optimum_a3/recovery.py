@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .calibration import CalibrationDataError, calibration_windows
 from .data import describe_source
+from .quantization import quantized_backend
 
 # Every projection A3 resizes; lm_head/embeddings stay frozen (tied, and the largest matrices).
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -115,8 +116,7 @@ def _check_model(model: nn.Module) -> None:
         raise RecoveryError(f"recover_with_lora expects an A3 model (from A3Compressor.compress or a saved A3 "
                             f"checkpoint), got {type(model).__name__} (model_type "
                             f"{getattr(config, 'model_type', None)!r})")
-    if getattr(config, "a3_quantization", None) is not None or any(
-            type(m).__module__.startswith(("hqq.", "optimum.quanto.")) for m in model.modules()):
+    if getattr(config, "a3_quantization", None) is not None or quantized_backend(model) is not None:
         raise RecoveryError("the model is quantized: fine-tune the float A3 model, then quantize the result "
                             "(merging adapters into quantized weights would re-quantize them)")
     if not any(p.is_floating_point() for p in model.parameters()):

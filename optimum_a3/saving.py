@@ -58,7 +58,7 @@ def _process_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by another user
-        return True
+        pass
     return True
 
 
@@ -67,8 +67,8 @@ def atomic_directory(save_dir: str, overwrite: bool = False) -> Iterator[str]:
     """Yield a temporary sibling directory; on success it replaces ``save_dir`` in one rename.
 
     On any exception (including KeyboardInterrupt) the temporary directory is deleted and ``save_dir``
-    is untouched; one left by a killed process is deleted by the next save to the same place. With ``overwrite`` an existing directory is moved aside first and removed only after
-    the new one is in place.
+    is untouched; one left by a killed process is deleted by the next save to the same place. With
+    ``overwrite`` an existing directory is moved aside first and removed only after the new one is in place.
     """
     check_output_dir(save_dir, overwrite)
     save_dir = os.path.abspath(save_dir)
