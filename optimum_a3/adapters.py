@@ -96,6 +96,17 @@ class LlamaFamilyAdapter:
     def mlp_down_module(self, layer: nn.Module) -> nn.Module:
         return layer.mlp.down_proj
 
+    # The second half of a pre-norm decoder layer, which sequential calibration runs on its own:
+    # ``h + mlp(norm(h))`` where ``h`` is the residual stream after attention (the norm's input).
+    def post_attention_norm_module(self, layer: nn.Module) -> nn.Module:
+        return layer.post_attention_layernorm
+
+    def mlp_module(self, layer: nn.Module) -> nn.Module:
+        return layer.mlp
+
+    def mlp_residual_block(self, layer: nn.Module, hidden):
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
     # Where each component lives inside a decoder layer, in the original and the compressed model alike.
     linear_paths = {
         "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",

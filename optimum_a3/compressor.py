@@ -18,7 +18,7 @@ from .budget import LayerDims, decoder_linear_params, kv_cache_bytes_per_token, 
 from .calibration import calibration_windows
 from .config import _DIM_FIELDS, A3Config, A3ConfigError
 from .data import describe_source
-from .layer_solver import solve_layer
+from .layer_solver import solve_attention, solve_layer, solve_mlp
 from .model_card import write_model_card
 from .models.a3_llama import A3LlamaConfig, A3LlamaForCausalLM
 from .saving import check_output_dir, write_atomically
@@ -203,23 +203,36 @@ class A3Compressor(OptimumQuantizer):
         originals, targets = adapter.layers(model), adapter.layers(compressed)
         targets_prefix = self._module_name(compressed, targets) + "."
         written: list[int] = []
+        attention_entries: dict[int, dict[str, torch.Tensor]] = {}  # sequential: solved before the MLP
         try:
             for idx, stats in layer_stats:
                 t0 = time.perf_counter()
-                if cache_writer is not None:
-                    cache_writer.add(idx, stats)
                 if lazy is not None:
                     lazy.load(idx)
                     for done in written:  # their outputs have fed this layer's statistics by now
                         targets[done].to("meta")
                     written.clear()
                 solver_device = cfg.device or stats.attn_input_autocorr.device
-                new_entries = solve_layer(adapter, originals[idx], stats.to(solver_device), geometry, dims[idx], cfg)
-                state = dict(originals[idx].state_dict())
-                state.update(new_entries)
-                if writer is not None:
-                    targets[idx].to_empty(device=state[next(iter(new_entries))].device)
-                targets[idx].load_state_dict(state, strict=True)
+                if not stats.complete:
+                    # Sequential calibration: solve the attention now; the MLP statistics are then taken
+                    # on its output, so the stream needs the layer with this attention in place.
+                    attention_entries[idx] = solve_attention(adapter, originals[idx], stats.to(solver_device),
+                                                             geometry, dims[idx], cfg)
+                    mlp = tuple(f"{adapter.linear_paths[name]}." for name in ("gate", "up", "down"))
+                    state = {k: v for k, v in self._layer_state(originals[idx], attention_entries[idx]).items()
+                             if not k.startswith(mlp)}
+                    self._fill(targets[idx], state, strict=False)
+                    propagate[idx] = targets[idx]
+                    solve_time += time.perf_counter() - t0
+                    continue
+                if cache_writer is not None:
+                    cache_writer.add(idx, stats)
+                if idx in attention_entries:
+                    new_entries = attention_entries.pop(idx)
+                    new_entries.update(solve_mlp(adapter, originals[idx], stats.to(solver_device), dims[idx], cfg))
+                else:
+                    new_entries = solve_layer(adapter, originals[idx], stats.to(solver_device), geometry, dims[idx], cfg)
+                self._fill(targets[idx], self._layer_state(originals[idx], new_entries), strict=True)
                 if writer is not None:
                     writer.add({f"{targets_prefix}{idx}.{k}": v for k, v in targets[idx].state_dict().items()})
                     written.append(idx)
@@ -255,6 +268,23 @@ class A3Compressor(OptimumQuantizer):
         self.last_calibration = calibration
         self.last_effective_config = cfg
         return compressed.eval()
+
+    @staticmethod
+    def _layer_state(original: nn.Module, new_entries: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The compressed layer's state: the solved entries, everything else (norms, some biases) as is."""
+        state = dict(original.state_dict())
+        state.update(new_entries)
+        return state
+
+    @staticmethod
+    def _fill(target: nn.Module, state: dict[str, torch.Tensor], strict: bool) -> None:
+        """Load ``state`` into a compressed layer, allocating it first if it is still on the meta device
+        (streaming); ``strict=False`` for the attention-only state of sequential calibration."""
+        if any(p.is_meta for p in target.parameters()):
+            target.to_empty(device=next(iter(state.values())).device)
+        missing, unexpected = target.load_state_dict(state, strict=strict)
+        if unexpected:
+            raise RuntimeError(f"unexpected compressed-layer entries: {unexpected}")
 
     @staticmethod
     def _module_name(root: nn.Module, module: nn.Module) -> str:

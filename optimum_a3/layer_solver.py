@@ -27,47 +27,65 @@ def _bias_row(b: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
     return weight.new_zeros(1, weight.shape[1]) if b is None else b[None]
 
 
+class _Entries:
+    """Collects compressed-layer state-dict entries in the layer's dtype, in HF's (out, in) layout."""
+
+    def __init__(self, adapter, layer: nn.Module):
+        self.lin = adapter.linears(layer)
+        self.paths = adapter.linear_paths
+        self.dtype = self.lin["q"].weight.dtype
+        self.out: dict[str, torch.Tensor] = {}
+
+    def put(self, name: str, weight_in_out: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        self.out[f"{self.paths[name]}.weight"] = weight_in_out.T.contiguous().to(self.dtype)
+        if bias is not None:
+            self.out[f"{self.paths[name]}.bias"] = bias.contiguous().to(self.dtype)
+
+    def weight(self, name: str) -> torch.Tensor:
+        return _w(self.lin[name])
+
+    def bias(self, name: str) -> torch.Tensor | None:
+        b = self.lin[name].bias
+        return None if b is None else b.detach().to(torch.float64)
+
+
 def solve_layer(adapter, layer: nn.Module, stats: LayerStatistics, geometry: Geometry, dims: LayerDims,
                 config: A3Config) -> dict[str, torch.Tensor]:
     """State-dict entries (relative to the layer) of the compressed layer, in the layer's dtype.
 
     Entries not returned (norms, o_proj/down_proj biases) are copied unchanged by the caller.
     """
-    lin = adapter.linears(layer)
-    paths = adapter.linear_paths
-    dtype = lin["q"].weight.dtype
+    out = solve_attention(adapter, layer, stats, geometry, dims, config)
+    out.update(solve_mlp(adapter, layer, stats, dims, config))
+    return out
+
+
+def solve_attention(adapter, layer: nn.Module, stats: LayerStatistics, geometry: Geometry, dims: LayerDims,
+                    config: A3Config) -> dict[str, torch.Tensor]:
+    """The q/k/v/o entries (and ``rope_pairs``) of the compressed layer; needs the attention statistics only."""
+    e = _Entries(adapter, layer)
     h, g, hd = geometry.num_heads, geometry.num_kv_heads, geometry.head_dim
     r_x = stats.attn_input_autocorr
-    out: dict[str, torch.Tensor] = {}
-
-    def put(name: str, weight_in_out: torch.Tensor, bias: torch.Tensor | None = None):
-        out[f"{paths[name]}.weight"] = weight_in_out.T.contiguous().to(dtype)
-        if bias is not None:
-            out[f"{paths[name]}.bias"] = bias.contiguous().to(dtype)
-
-    def bias(name: str) -> torch.Tensor | None:
-        b = lin[name].bias
-        return None if b is None else b.detach().to(torch.float64)
 
     # --- QK: keep whole rotary pairs (§3a); at full size the identity selection keeps the weights.
     # With q/k biases (Qwen2) the pre-RoPE energies are those of [x, 1] @ [W; b] (method §6).
-    w_q, w_k, r_qk = _w(lin["q"]), _w(lin["k"]), r_x
-    if bias("q") is not None or bias("k") is not None:
-        w_q, w_k = (torch.cat([w, _bias_row(bias(name), w)]) for name, w in (("q", w_q), ("k", w_k)))
+    w_q, w_k, r_qk = e.weight("q"), e.weight("k"), r_x
+    if e.bias("q") is not None or e.bias("k") is not None:
+        w_q, w_k = (torch.cat([w, _bias_row(e.bias(name), w)]) for name, w in (("q", w_q), ("k", w_k)))
         r_qk = stats.augmented_attn_input_autocorr()
     keep = solvers.select_rope_pairs(w_q, w_k, r_qk, h, g, dims.head_dim_qk)
     kept_dims = solvers.rope_kept_dims(keep, hd)
     for name, heads in (("q", h), ("k", g)):
-        b = bias(name)
-        put(name, solvers.gather_head_columns(_w(lin[name]), heads, kept_dims),
-            None if b is None else solvers.gather_head_columns(b[None], heads, kept_dims)[0])
-    out[adapter.rope_pairs_path] = keep.to(torch.long)
+        b = e.bias(name)
+        e.put(name, solvers.gather_head_columns(e.weight(name), heads, kept_dims),
+              None if b is None else solvers.gather_head_columns(b[None], heads, kept_dims)[0])
+    e.out[adapter.rope_pairs_path] = keep.to(torch.long)
 
     # --- OV (§4). A v_proj bias adds the constant Σ_h b_v,g(h) W_o,h to the output (attention rows
     # sum to one), so it folds exactly into the o_proj bias and the solvers see weights only.
-    w_v, w_o = _w(lin["v"]), _w(lin["o"])
-    o_bias = bias("o")
-    b_v = bias("v")
+    w_v, w_o = e.weight("v"), e.weight("o")
+    o_bias = e.bias("o")
+    b_v = e.bias("v")
     if b_v is not None:
         per_query_head = b_v.view(g, 1, hd).expand(g, h // g, hd).reshape(h, 1, hd)
         folded = (per_query_head @ w_o.view(h, hd, -1)).sum(dim=0)[0]
@@ -78,18 +96,24 @@ def solve_layer(adapter, layer: nn.Module, stats: LayerStatistics, geometry: Geo
         new_v, new_o = solvers.solve_ov_mha(w_v, w_o, stats.head_output_autocorr, h, dims.head_dim_vo, config.eig_floor)
     else:
         new_v, new_o = solvers.solve_ov_gqa(w_v, w_o, r_x, h, g, dims.head_dim_vo, config.eig_floor)
-    put("v", new_v, None if b_v is None else torch.zeros(new_v.shape[1], dtype=torch.float64))
-    put("o", new_o, o_bias)
+    e.put("v", new_v, None if b_v is None else torch.zeros(new_v.shape[1], dtype=torch.float64))
+    e.put("o", new_o, o_bias)
+    return e.out
 
-    # --- MLP: column selection (§5), optional least-squares refit of down_proj (§6).
-    w_down = _w(lin["down"])
+
+def solve_mlp(adapter, layer: nn.Module, stats: LayerStatistics, dims: LayerDims,
+              config: A3Config) -> dict[str, torch.Tensor]:
+    """The gate/up/down entries of the compressed layer: column selection (§5), optional least-squares
+    refit of down_proj (§6). Needs the MLP statistics only."""
+    e = _Entries(adapter, layer)
+    w_down = e.weight("down")
     kept = solvers.select_mlp_channels(w_down, stats.down_input_sq_mean, dims.intermediate_size)
     for name in ("gate", "up"):
-        b = bias(name)
-        put(name, _w(lin[name])[:, kept], None if b is None else b[kept])
+        b = e.bias(name)
+        e.put(name, e.weight(name)[:, kept], None if b is None else b[kept])
     if config.mlp_refit and dims.intermediate_size < w_down.shape[0]:
         new_down = solvers.refit_down_proj(w_down, stats.down_input_autocorr, kept, config.refit_damping)
     else:
         new_down = w_down[kept]
-    put("down", new_down, bias("down"))
-    return out
+    e.put("down", new_down, e.bias("down"))
+    return e.out

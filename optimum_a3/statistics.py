@@ -3,16 +3,25 @@
 As GPTQ and SVD-LLM do, only one decoder layer and its inputs are processed at a time: the inputs of
 layer 0 are captured once, then each layer is run on them with forward pre-hooks that accumulate the
 statistics in float64, and its outputs become the next layer's inputs.
+
+Sequential calibration (method page §6) takes the statistics from the model being compressed instead:
+the attention statistics of layer ``l`` from the output of the compressed layers ``< l``, and its MLP
+statistics from the output of layer ``l``'s compressed attention. It runs no more than one layer forward
+per layer: the original attention only as far as its statistics need (GQA: not at all), the compressed
+attention, the original gate/up projections, and the compressed MLP.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from .linalg import add_gram_upper_, mirror_gram_upper_
 
 
 class NonFiniteStatisticsError(RuntimeError):
@@ -24,12 +33,17 @@ class LayerStatistics:
     """Float64 statistics of one decoder layer (``T`` tokens)."""
 
     attn_input_autocorr: torch.Tensor            # R_x (d_model, d_model)
-    down_input_sq_mean: torch.Tensor             # m_d (intermediate,)
+    down_input_sq_mean: torch.Tensor | None      # m_d (intermediate,); None while only attention is known
     head_output_autocorr: torch.Tensor | None    # G_z (num_heads, head_dim, head_dim), MHA OV only
     down_input_autocorr: torch.Tensor | None     # R_d (intermediate, intermediate), refit only
     num_tokens: int
     residual_sq_mean: float = float("nan")       # E||h||² of the residual stream entering the layer
     attn_input_mean: torch.Tensor | None = None  # E[x] (d_model,): with R_x, the statistics of [x, 1] (biases)
+
+    @property
+    def complete(self) -> bool:
+        """False for the attention-only statistics that sequential calibration yields first."""
+        return self.down_input_sq_mean is not None
 
     def augmented_attn_input_autocorr(self) -> torch.Tensor:
         """Autocorrelation of the input augmented with a constant 1, ``E[[x,1]ᵀ[x,1]]`` (method §6, biases)."""
@@ -65,8 +79,10 @@ class _Accumulator:
     def attention_input(self, module, inputs):
         x = self._rows(inputs)
         self.tokens += x.shape[0]
-        self.r_x = x.T @ x if self.r_x is None else self.r_x.addmm_(x.T, x)
-        self.s_x = x.sum(dim=0) if self.s_x is None else self.s_x.add_(x.sum(dim=0))
+        if self.r_x is None:
+            self.r_x, self.s_x = x.new_zeros(x.shape[1], x.shape[1]), x.new_zeros(x.shape[1])
+        add_gram_upper_(self.r_x, x)
+        self.s_x.add_(x.sum(dim=0))
 
     def attention_output(self, module, inputs):
         z = self._rows(inputs).view(-1, self.num_heads, self.head_dim)
@@ -75,25 +91,35 @@ class _Accumulator:
 
     def down_input(self, module, inputs):
         x = self._rows(inputs)
-        sq = x.pow(2).sum(dim=0)
-        self.m_d = sq if self.m_d is None else self.m_d.add_(sq)
+        if self.m_d is None:
+            self.m_d = x.new_zeros(x.shape[1])
+            if self.want_down_autocorr:
+                self.r_d = x.new_zeros(x.shape[1], x.shape[1])
+        self.m_d.add_(x.pow(2).sum(dim=0))
         if self.want_down_autocorr:
-            self.r_d = x.T @ x if self.r_d is None else self.r_d.addmm_(x.T, x)
+            add_gram_upper_(self.r_d, x)
 
-    def result(self) -> LayerStatistics:
+    def attention_result(self) -> LayerStatistics:
+        """The attention statistics (``complete`` False)."""
         t = self.tokens
         return LayerStatistics(
-            attn_input_autocorr=self.r_x / t,
-            down_input_sq_mean=self.m_d / t,
+            attn_input_autocorr=mirror_gram_upper_(self.r_x) / t,
+            down_input_sq_mean=None,
             head_output_autocorr=self.g_z / t if self.want_head_autocorr else None,
-            down_input_autocorr=self.r_d / t if self.want_down_autocorr else None,
+            down_input_autocorr=None,
             num_tokens=t,
             attn_input_mean=self.s_x / t,
         )
 
+    def with_mlp_result(self, stats: LayerStatistics) -> LayerStatistics:
+        """``stats`` completed with the MLP statistics."""
+        t = self.tokens
+        return dataclasses.replace(
+            stats, down_input_sq_mean=self.m_d / t,
+            down_input_autocorr=mirror_gram_upper_(self.r_d) / t if self.want_down_autocorr else None)
 
-class _StopForward(Exception):
-    pass
+    def result(self) -> LayerStatistics:
+        return self.with_mlp_result(self.attention_result())
 
 
 def capture_first_layer_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor,
@@ -125,63 +151,138 @@ def stream_layer_statistics(model: nn.Module, adapter, input_ids: torch.Tensor, 
     """Yield ``(layer_idx, LayerStatistics)`` for every decoder layer, in order.
 
     By default statistics come from the ORIGINAL model: layer ``l`` sees the original outputs of layers
-    ``< l``. For sequential calibration, put the compressed layer into ``propagate[l]`` after receiving
-    layer ``l``'s statistics: its outputs become layer ``l + 1``'s inputs.
+    ``< l``, and each layer is yielded once.
+
+    Sequential calibration (``propagate`` a dict) yields each layer twice. First its attention
+    statistics (``stats.complete`` False), taken on the outputs of the compressed layers ``< l``; the
+    consumer then puts into ``propagate[l]`` the compressed layer with its attention solved (its MLP may
+    be unset). Then the complete statistics, whose MLP part is taken on that compressed attention's
+    output; the consumer puts the finished compressed layer into ``propagate[l]``, and its outputs feed
+    layer ``l + 1``.
     """
     geometry = adapter.geometry(model)
     layers = adapter.layers(model)
     device = torch.device(device) if device is not None else model.get_input_embeddings().weight.device
     was_training = model.training
     model.eval()  # no dropout in the statistics
+    stream = _stream_original if propagate is None else _stream_sequential
     try:
-        yield from _stream(model, adapter, layers, geometry, input_ids, batch_size, want_head_autocorr,
-                           want_down_autocorr, device, progress, propagate, layer_loader)
+        with torch.inference_mode():
+            inputs = capture_first_layer_inputs(model, layers, input_ids, batch_size, device)
+            bar = tqdm(total=len(layers), desc="A3 calibration", unit="layer", disable=not progress)
+            for idx, layer in enumerate(layers):
+                if layer_loader is not None:
+                    layer_loader.load(idx)
+                acc = _Accumulator(geometry.num_heads, geometry.head_dim, want_head_autocorr, want_down_autocorr)
+                residual_sq = sum(hidden.to(torch.float64).pow(2).sum().item() for hidden, _ in inputs)
+
+                def ready(stats: LayerStatistics, idx=idx, residual_sq=residual_sq) -> tuple[int, LayerStatistics]:
+                    stats.residual_sq_mean = residual_sq / stats.num_tokens
+                    stats.check_finite(idx)
+                    bar.update(int(stats.complete))
+                    return idx, stats
+
+                inputs = yield from stream(adapter, idx, layer, inputs, acc, want_head_autocorr, propagate, ready)
+                if layer_loader is not None:
+                    layer_loader.release(idx)
+            bar.close()
     finally:
         model.train(was_training)
 
 
-def _stream(model, adapter, layers, geometry, input_ids, batch_size, want_head_autocorr, want_down_autocorr,
-            device, progress, propagate, layer_loader):
-    with torch.inference_mode():
-        inputs = capture_first_layer_inputs(model, layers, input_ids, batch_size, device)
-        bar = tqdm(total=len(layers), desc="A3 calibration", unit="layer", disable=not progress)
-        for idx, layer in enumerate(layers):
-            if layer_loader is not None:
-                layer_loader.load(idx)
-            acc = _Accumulator(geometry.num_heads, geometry.head_dim, want_head_autocorr, want_down_autocorr)
-            hooks = [
-                adapter.attention_input_module(layer).register_forward_pre_hook(acc.attention_input),
-                adapter.mlp_down_module(layer).register_forward_pre_hook(acc.down_input),
-            ]
-            if want_head_autocorr:
-                hooks.append(adapter.attention_output_module(layer).register_forward_pre_hook(acc.attention_output))
-            residual_sq = 0.0
-            try:
-                outputs = []
-                for hidden, kwargs in inputs:
-                    residual_sq += hidden.to(torch.float64).pow(2).sum().item()
-                    outputs.append((_layer_output(layer, hidden, kwargs), kwargs))
-            finally:
-                for h in hooks:
-                    h.remove()
-            stats = acc.result()
-            stats.residual_sq_mean = residual_sq / stats.num_tokens
-            stats.check_finite(idx)
-            bar.update(1)
-            yield idx, stats
-            # Sequential calibration: the consumer may hand back the compressed layer, whose outputs
-            # then feed the next layer instead of the original ones.
-            replacement = propagate.pop(idx, None) if propagate is not None else None
-            if replacement is not None:
-                outputs = None  # free the original outputs first: at most two copies of the activations live
-                outputs = [(_layer_output(replacement, hidden, kwargs), kwargs) for hidden, kwargs in inputs]
-            inputs = outputs
-            if layer_loader is not None:
-                layer_loader.release(idx)
-        bar.close()
+def _stream_original(adapter, idx, layer, inputs, acc, want_head_autocorr, propagate, ready):
+    """One forward of the original layer with every statistic's hook; returns its outputs."""
+    hooks = [
+        adapter.attention_input_module(layer).register_forward_pre_hook(acc.attention_input),
+        adapter.mlp_down_module(layer).register_forward_pre_hook(acc.down_input),
+    ]
+    if want_head_autocorr:
+        hooks.append(adapter.attention_output_module(layer).register_forward_pre_hook(acc.attention_output))
+    try:
+        outputs = [(_layer_output(layer, hidden, kwargs), kwargs) for hidden, kwargs in inputs]
+    finally:
+        for h in hooks:
+            h.remove()
+    yield ready(acc.result())
+    return outputs
+
+
+def _stream_sequential(adapter, idx, layer, inputs, acc, want_head_autocorr, propagate, ready):
+    """Attention statistics, compressed attention, MLP statistics, compressed MLP (module docstring);
+    returns the compressed layer's outputs."""
+    # 1. Attention statistics from the original layer, run only as far as they need: R_x is the input of
+    #    q_proj; G_z (MHA) the input of o_proj.
+    last = adapter.attention_output_module(layer) if want_head_autocorr else adapter.attention_input_module(layer)
+    hooks = [adapter.attention_input_module(layer).register_forward_pre_hook(acc.attention_input)]
+    if want_head_autocorr:
+        hooks.append(adapter.attention_output_module(layer).register_forward_pre_hook(acc.attention_output))
+    hooks.append(last.register_forward_pre_hook(_stop))
+    try:
+        for hidden, kwargs in inputs:
+            _run_until_stopped(layer, hidden, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    stats = acc.attention_result()
+    yield ready(stats)
+    compressed = propagate.pop(idx)
+
+    # 2. The residual stream after the compressed attention: what the MLP's norm receives.
+    mids = [(_input_of(adapter.post_attention_norm_module(compressed), compressed, hidden, kwargs), kwargs)
+            for hidden, kwargs in inputs]
+
+    # 3. MLP statistics of the ORIGINAL gate/up on that stream (down_proj itself is not needed).
+    hooks = [adapter.mlp_down_module(layer).register_forward_pre_hook(acc.down_input),
+             adapter.mlp_down_module(layer).register_forward_pre_hook(_stop)]
+    try:
+        for mid, _ in mids:
+            _run_until_stopped(adapter.mlp_module(layer), adapter.post_attention_norm_module(layer)(mid))
+    finally:
+        for h in hooks:
+            h.remove()
+    yield ready(acc.with_mlp_result(stats))
+    compressed = propagate.pop(idx)
+
+    # 4. The compressed MLP completes the compressed layer's output.
+    for k, (mid, kwargs) in enumerate(mids):
+        mids[k] = (adapter.mlp_residual_block(compressed, mid), kwargs)
+    return mids
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _stop(module, inputs):
+    raise _StopForward
+
+
+def _run_until_stopped(module: nn.Module, *args, **kwargs) -> None:
+    try:
+        module(*args, **kwargs)
+    except _StopForward:
+        pass
+
+
+def _input_of(target: nn.Module, module: nn.Module, *args) -> torch.Tensor:
+    """The first input ``target`` (a submodule of ``module``) receives when ``module(args[0], **args[1])``
+    runs; the rest of the forward is skipped."""
+    seen = []
+
+    def grab(_, inputs):
+        seen.append(inputs[0])
+        raise _StopForward
+
+    handle = target.register_forward_pre_hook(grab)
+    try:
+        _run_until_stopped(module, args[0], **args[1])
+    finally:
+        handle.remove()
+    if not seen:
+        raise RuntimeError(f"{type(target).__name__} was not called by {type(module).__name__}")
+    return seen[0]
 
 
 def _layer_output(layer, hidden, kwargs):
     out = layer(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
-

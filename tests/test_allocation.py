@@ -1,6 +1,7 @@
 """Mixed-rank allocation (method page §6): exact budget, uniform on identical layers, reload."""
 
 
+import pytest
 import torch
 
 from optimum_a3 import A3Compressor, A3Config
@@ -69,3 +70,61 @@ def test_sequential_calibration_is_exact_at_ratio_zero_and_changes_weights_when_
     last = "model.layers.2.self_attn.v_proj.weight"
     assert torch.equal(seq.state_dict()[first], par.state_dict()[first])     # layer 0 sees the same inputs
     assert not torch.equal(seq.state_dict()[last], par.state_dict()[last])   # later layers do not
+
+
+def _statistics_seen_by(compressed, original, idx, ids):
+    """Reference statistics of layer ``idx`` computed by hand from the COMPRESSED model's activations:
+    R_x (and G_z) of the original layer run on what compressed layer ``idx`` receives, and m_d / R_d of
+    the original gate/up run on the residual stream after compressed layer ``idx``'s attention."""
+    seen = {}
+    target, layer = compressed.model.layers[idx], original.model.layers[idx]
+    hooks = [target.register_forward_pre_hook(lambda m, a, k: seen.update(hidden=a[0] if a else k["hidden_states"]),
+                                              with_kwargs=True),
+             target.post_attention_layernorm.register_forward_pre_hook(lambda m, a: seen.update(mid=a[0])),
+             layer.register_forward_pre_hook(lambda m, a, k: seen.update(kwargs=k), with_kwargs=True)]
+    with torch.no_grad():
+        compressed(ids, use_cache=False)
+        original(ids, use_cache=False)  # the original layer's RoPE tables and mask
+        for h in hooks:
+            h.remove()
+        grabbed = {}
+        hooks = [layer.self_attn.q_proj.register_forward_pre_hook(lambda m, a: grabbed.update(x=a[0])),
+                 layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a: grabbed.update(z=a[0]))]
+        kwargs = {k: v for k, v in seen["kwargs"].items() if k not in ("hidden_states", "past_key_values", "cache")}
+        layer(seen["hidden"], **kwargs)
+        for h in hooks:
+            h.remove()
+        n = layer.post_attention_layernorm(seen["mid"])
+        d = layer.mlp.act_fn(layer.mlp.gate_proj(n)) * layer.mlp.up_proj(n)
+    x = grabbed["x"].reshape(-1, grabbed["x"].shape[-1]).double()
+    z = grabbed["z"].reshape(x.shape[0], original.config.num_attention_heads, -1).double()
+    d = d.reshape(x.shape[0], -1).double()
+    t = x.shape[0]
+    return {"attn_input_autocorr": x.T @ x / t, "head_output_autocorr": torch.einsum("thi,thj->hij", z, z) / t,
+            "down_input_sq_mean": d.pow(2).mean(0), "down_input_autocorr": d.T @ d / t}
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
+def test_sequential_statistics_are_those_of_the_compressed_model(kv_heads):
+    """Sequential calibration: layer l's attention statistics are taken on the compressed layers < l, and
+    its MLP statistics on the output of its own compressed attention (checked against a hand computation
+    on the finished model)."""
+    model = tiny_llama(layers=3, num_kv_heads=kv_heads)
+    ids = random_token_windows(8, 32, seed=8)  # 256 tokens: enough for the refit (2 per channel)
+    compressor = A3Compressor(A3Config(ratio=0.3, mlp_refit=True, batch_size=4))
+    compressed = compressor.compress(model, calibration_ids=ids, progress=False, keep_statistics=True)
+    assert compressor.last_effective_config.sequential and compressor.last_effective_config.mlp_refit
+    for idx in range(3):
+        ref = _statistics_seen_by(compressed, model, idx, ids)
+        got = compressor.last_statistics[idx]
+        names = ["attn_input_autocorr", "down_input_sq_mean", "down_input_autocorr"]
+        names += ["head_output_autocorr"] if kv_heads == 4 else []
+        for name in names:
+            torch.testing.assert_close(getattr(got, name), ref[name], rtol=1e-5, atol=1e-7, msg=f"layer {idx} {name}")
+    # ... and they differ from the original model's where it matters: layer 0's MLP already sees the
+    # compressed attention.
+    paper = A3Compressor(A3Config(ratio=0.3, sequential=False, batch_size=4))
+    paper.compress(model, calibration_ids=ids, progress=False, keep_statistics=True)
+    first_seq, first_par = compressor.last_statistics[0], paper.last_statistics[0]
+    torch.testing.assert_close(first_seq.attn_input_autocorr, first_par.attn_input_autocorr)
+    assert not torch.allclose(first_seq.down_input_sq_mean, first_par.down_input_sq_mean)

@@ -42,9 +42,11 @@ def test_quantized_a3_model_reloads_with_identical_logits(tmp_path, a3_model, ba
     assert quantized_backend(quantized) == backend
     expected = logits(quantized)
     assert expected.dtype == dtype
-    # 4-bit is lossy but close: the error is real and bounded.
-    error = (expected.float() - logits(a3_model)).abs().max().item()
-    assert 0 < error < 0.5 * logits(a3_model).abs().max().item()
+    # 4-bit is lossy but close: the error is real and bounded. On these random weights it is ~0.4 of the
+    # logits' norm for both backends and dtypes; broken scales or a wrong layout give >= 1.
+    reference = logits(a3_model)
+    relative_error = ((expected.float() - reference).norm() / reference.norm()).item()
+    assert 0 < relative_error < 0.6
 
     out = save_quantized(quantized, tmp_path / "q", tokenizer=tiny_tokenizer())
     record = json.loads((tmp_path / "q" / "config.json").read_text())["a3_quantization"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from optimum_a3 import solvers
-from optimum_a3.linalg import psd_roots
+from optimum_a3.linalg import add_gram_upper_, mirror_gram_upper_, psd_roots
 
 D, HD = 24, 8
 
@@ -224,3 +224,14 @@ def test_psd_roots_are_inverse_and_floor_clamps():
     singular[0, 0] = 1.0
     root, inv_root = psd_roots(singular, eig_floor=1e-6)
     assert torch.isfinite(inv_root).all()
+
+
+@pytest.mark.parametrize("width", [5, 300, 1031], ids=["small", "blocked", "blocked-uneven"])
+def test_blocked_gram_accumulation_equals_the_full_product(width):
+    g = torch.Generator().manual_seed(width)
+    batches = [torch.randn(n, width, generator=g, dtype=torch.float64) for n in (7, 64, 33)]
+    acc = torch.zeros(width, width, dtype=torch.float64)
+    for x in batches:
+        add_gram_upper_(acc, x)
+    full = torch.cat(batches).T @ torch.cat(batches)
+    torch.testing.assert_close(mirror_gram_upper_(acc), full, rtol=1e-12, atol=1e-10)
