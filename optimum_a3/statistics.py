@@ -264,9 +264,9 @@ def _run_until_stopped(module: nn.Module, *args, **kwargs) -> None:
         pass
 
 
-def _input_of(target: nn.Module, module: nn.Module, *args) -> torch.Tensor:
-    """The first input ``target`` (a submodule of ``module``) receives when ``module(args[0], **args[1])``
-    runs; the rest of the forward is skipped."""
+def _input_of(target: nn.Module, layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """The input ``target`` (a submodule of ``layer``) receives when ``layer(hidden, **kwargs)`` runs;
+    the rest of the layer's forward is skipped."""
     seen = []
 
     def grab(_, inputs):
@@ -275,11 +275,11 @@ def _input_of(target: nn.Module, module: nn.Module, *args) -> torch.Tensor:
 
     handle = target.register_forward_pre_hook(grab)
     try:
-        _run_until_stopped(module, args[0], **args[1])
+        _run_until_stopped(layer, hidden, **kwargs)
     finally:
         handle.remove()
     if not seen:
-        raise RuntimeError(f"{type(target).__name__} was not called by {type(module).__name__}")
+        raise RuntimeError(f"{type(target).__name__} was not called by {type(layer).__name__}")
     return seen[0]
 
 

@@ -32,10 +32,11 @@ def _files(directory) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(directory).iterdir()) if p.is_file()}
 
 
-@pytest.mark.parametrize("method", ["paper", "default"])
-def test_streamed_checkpoint_equals_in_memory_checkpoint(tmp_path, method):
+@pytest.mark.parametrize("options", [{"method": "paper"}, {"method": "default"}, {"mlp_refit": True}],
+                         ids=["paper", "default", "default-refit"])
+def test_streamed_checkpoint_equals_in_memory_checkpoint(tmp_path, options):
     src = _source(tmp_path)
-    config = A3Config(ratio=0.25, method=method, nsamples=8, seqlen=32)
+    config = A3Config(ratio=0.25, nsamples=8, seqlen=32, **options)
     model = AutoModelForCausalLM.from_pretrained(src).eval()
     tokenizer = AutoTokenizer.from_pretrained(src)
     in_memory = tmp_path / "in_memory"
