@@ -214,14 +214,9 @@ class A3Compressor(OptimumQuantizer):
                     written.clear()
                 solver_device = cfg.device or stats.attn_input_autocorr.device
                 if not stats.complete:
-                    # Sequential calibration: solve the attention now; the MLP statistics are then taken
-                    # on its output, so the stream needs the layer with this attention in place.
-                    attention_entries[idx] = solve_attention(adapter, originals[idx], stats.to(solver_device),
-                                                             geometry, dims[idx], cfg)
-                    mlp = tuple(f"{adapter.linear_paths[name]}." for name in ("gate", "up", "down"))
-                    state = {k: v for k, v in self._layer_state(originals[idx], attention_entries[idx]).items()
-                             if not k.startswith(mlp)}
-                    self._fill(targets[idx], state, strict=False)
+                    # Sequential calibration: the MLP statistics are taken on this attention's output.
+                    attention_entries[idx] = self._solve_attention_first(
+                        adapter, originals[idx], targets[idx], stats.to(solver_device), geometry, dims[idx], cfg)
                     propagate[idx] = targets[idx]
                     solve_time += time.perf_counter() - t0
                     continue
@@ -276,13 +271,24 @@ class A3Compressor(OptimumQuantizer):
         state.update(new_entries)
         return state
 
+    @classmethod
+    def _solve_attention_first(cls, adapter, original: nn.Module, target: nn.Module, stats: LayerStatistics,
+                               geometry, dims: LayerDims, cfg: A3Config) -> dict[str, torch.Tensor]:
+        """Solve a layer's attention and put it into ``target`` (whose MLP stays unset), so that sequential
+        calibration can run the compressed attention; returns the solved entries."""
+        entries = solve_attention(adapter, original, stats, geometry, dims, cfg)
+        mlp = tuple(f"{adapter.linear_paths[name]}." for name in ("gate", "up", "down"))
+        state = {k: v for k, v in cls._layer_state(original, entries).items() if not k.startswith(mlp)}
+        cls._fill(target, state, strict=False)
+        return entries
+
     @staticmethod
     def _fill(target: nn.Module, state: dict[str, torch.Tensor], strict: bool) -> None:
         """Load ``state`` into a compressed layer, allocating it first if it is still on the meta device
         (streaming); ``strict=False`` for the attention-only state of sequential calibration."""
         if any(p.is_meta for p in target.parameters()):
             target.to_empty(device=next(iter(state.values())).device)
-        missing, unexpected = target.load_state_dict(state, strict=strict)
+        _, unexpected = target.load_state_dict(state, strict=strict)
         if unexpected:
             raise RuntimeError(f"unexpected compressed-layer entries: {unexpected}")
 
