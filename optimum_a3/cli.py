@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = _add_command(sub, "eval", "perplexity of a model (the GPTQ / SVD-LLM / A3 protocol)",
                      "Perplexity of MODEL on non-overlapping windows of SOURCE (the GPTQ / SVD-LLM / A3 protocol). "
-                     "Compressed checkpoints load with trust_remote_code=True.", EVAL_EXAMPLES)
+                     "Compressed checkpoints load with trust_remote_code=True, quantized ones (`optimum-a3 "
+                     "quantize`) with optimum_a3.quantization.load_quantized.", EVAL_EXAMPLES)
     e.add_argument("model", help="compressed checkpoint directory, hub id, .gguf file or 'smollm2-offline'")
     e.add_argument("--source", default="wikitext2",
                    help="wikitext2 (local ../shared file first, then datasets), wikitext2:PATH, a text file, "
@@ -148,18 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_options(e)
 
     p = _add_command(sub, "push", "upload a saved compressed checkpoint to the Hub",
-                     "Upload the checkpoint in DIRECTORY (written by `optimum-a3 compress` or A3Compressor.save) to "
-                     "the Hub repo REPO in one commit: weights, config, modeling code, tokenizer and a model card "
-                     "rendered from the compression record (a README.md you wrote yourself is kept). The repo is "
-                     "created if needed; nothing is published if the push fails.", PUSH_EXAMPLES + HUB_NOTE)
+                     "Upload the checkpoint in DIRECTORY (written by `optimum-a3 compress`, `optimum-a3 quantize`, "
+                     "A3Compressor.save or save_quantized) to the Hub repo REPO in one commit: weights, config, "
+                     "modeling code, tokenizer and a model card rendered from the compression (and quantization) "
+                     "record (a README.md you wrote yourself is kept). The repo is created if needed; nothing is "
+                     "published if the push fails.", PUSH_EXAMPLES + HUB_NOTE)
     p.add_argument("directory", help="checkpoint directory")
     p.add_argument("repo_id", metavar="REPO", help="Hub repo id, namespace/name")
     _add_hub_options(p)
 
     q = _add_command(sub, "quantize", "4-bit weight quantization of a (compressed) checkpoint (hqq or optimum-quanto)",
                      "Quantize the decoder linears of MODEL (an A3 checkpoint or any causal LM) and save it in the "
-                     "backend's format, reloadable with optimum_a3.quantization.load_quantized. Needs the 'quant' "
-                     "extra.", QUANTIZE_EXAMPLES)
+                     "backend's format, with a model card saying how to load it (optimum_a3.quantization.load_quantized, "
+                     "`optimum-a3 eval`); `optimum-a3 push` publishes it. Needs the 'quant' extra.", QUANTIZE_EXAMPLES)
     q.add_argument("model", help="checkpoint directory, hub id, .gguf file or 'smollm2-offline'")
     _add_output_options(q)
     q.add_argument("--backend", choices=["hqq", "quanto"], default="hqq", help="hqq (default, any group size) or quanto")
@@ -302,10 +304,12 @@ def _use_streaming(args) -> bool:
 
 def run_eval(args) -> dict:
     from .loading import load_model_and_tokenizer
+    from .quantization import inference_mode_as_no_grad
 
     _check_model_spec(args.model)
-    model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=True)
-    return {"model": args.model, "source": args.source, "ppl": _ppl(model, tokenizer, args.source, args)}
+    model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=True)  # quantized ones too
+    with inference_mode_as_no_grad(model):  # quanto's 4-bit layers fail under inference_mode
+        return {"model": args.model, "source": args.source, "ppl": _ppl(model, tokenizer, args.source, args)}
 
 
 def _push(directory: str, repo_id: str, args, after_save: bool = False) -> dict:
@@ -348,6 +352,9 @@ def run_quantize(args) -> dict:
     if args.eval_source:
         with inference_mode_as_no_grad(model):  # quanto's 4-bit layers fail under inference_mode
             summary["ppl"] = _ppl(model, tokenizer, args.eval_source, args)
+        getattr(model.config, RECORD_KEY)["evaluation"] = {  # for the model card
+            "source": args.eval_source, "seqlen": args.eval_seqlen, "max_windows": args.eval_windows,
+            "ppl": summary["ppl"]}
     save_quantized(model, args.output, tokenizer=tokenizer, overwrite=args.overwrite)
     return summary
 

@@ -3,7 +3,9 @@
 A push is ``create_repo(exist_ok=True)`` followed by ONE ``create_commit`` holding everything a user needs to
 run the model with plain ``transformers``: the safetensors weights, ``config.json`` (with ``auto_map``), the
 self-contained modeling files, the tokenizer and a model card (``README.md``, see :mod:`optimum_a3.model_card`).
-The commit is atomic on the Hub: a push that fails (bad token, network, ...) publishes nothing.
+The commit is atomic on the Hub: a push that fails (bad token, network, ...) publishes nothing. A checkpoint
+quantized with :mod:`optimum_a3.quantization` is pushed in its backend's format, with a card that says how to
+load it (``load_quantized``, which also takes the repo id).
 
 Entry points:
 
@@ -23,11 +25,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .model_card import (CARD_FILE, TOKENIZER_FILES, ModelCardError, is_generated_card, load_config_dict,
-                         render_model_card)
+from .model_card import (CARD_FILE, QUANTIZATION_RECORD, TOKENIZER_FILES, ModelCardError, is_generated_card,
+                         load_config_dict, render_model_card)
 
 # Remote files a new push replaces as a set: stale shards of an earlier push must not survive next to new ones.
-WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "qmodel.pt",
+                   "quanto_qmap.json")
 DEFAULT_COMMIT_MESSAGE = "Upload A3-compressed model (optimum-a3)"
 
 
@@ -41,7 +44,12 @@ class CheckpointError(ValueError):
 
 # ------------------------------------------------------------------------------------------ checks
 def check_checkpoint_dir(directory: str | os.PathLike) -> dict:
-    """Return the config of the A3 checkpoint in ``directory``; raise :class:`CheckpointError` if incomplete."""
+    """Return the config of the A3 checkpoint in ``directory``; raise :class:`CheckpointError` if incomplete.
+
+    A checkpoint of ``A3Compressor.save`` needs ``auto_map``, its modeling files and safetensors weights; one of
+    ``optimum_a3.quantization.save_quantized`` needs its backend's weight files (hqq ``qmodel.pt``; quanto
+    safetensors + ``quanto_qmap.json``).
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory} is not a directory")
@@ -51,6 +59,19 @@ def check_checkpoint_dir(directory: str | os.PathLike) -> dict:
         config = load_config_dict(directory)
     except (ValueError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{directory}: {exc}") from exc
+    quantization = config.get(QUANTIZATION_RECORD)
+    has_safetensors = any((directory / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json"))
+    if isinstance(quantization, dict):
+        backend = quantization.get("backend")
+        needed = {"hqq": ["qmodel.pt"], "quanto": ["quanto_qmap.json"]}.get(backend)
+        if needed is None:
+            raise CheckpointError(f"{directory}: unknown quantization backend {backend!r} in config.json")
+        missing = [name for name in needed if not (directory / name).is_file()]
+        if backend == "quanto" and not has_safetensors:
+            missing.append("model.safetensors")
+        if missing:
+            raise CheckpointError(f"{directory} is a {backend}-quantized checkpoint without {', '.join(missing)}")
+        return config
     entry = (config.get("auto_map") or {}).get("AutoModelForCausalLM")
     if not entry:
         raise CheckpointError(f"{directory}/config.json has no auto_map: save it with A3Compressor.save")
@@ -58,7 +79,7 @@ def check_checkpoint_dir(directory: str | os.PathLike) -> dict:
     missing = [f"{m}.py" for m in sorted(modules) if not (directory / f"{m}.py").is_file()]
     if missing:
         raise CheckpointError(f"{directory} lacks the modeling file(s) {', '.join(missing)} named in auto_map")
-    if not any((directory / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+    if not has_safetensors:
         raise CheckpointError(f"{directory} has no safetensors weights (model.safetensors[.index.json])")
     return config
 
@@ -140,7 +161,8 @@ def push_to_hub(model, repo_id: str, *, tokenizer=None, commit_message: str | No
     ``transformers``' ``push_to_hub``.
 
     Args:
-        model: a model returned by :meth:`A3Compressor.compress` (or reloaded from an A3 checkpoint).
+        model: a model returned by :meth:`A3Compressor.compress` (or reloaded from an A3 checkpoint), possibly
+            quantized by :func:`optimum_a3.quantization.quantize_model` (pushed in its backend's format).
         repo_id: ``namespace/name`` (or ``name`` for the token's user); created if needed.
         tokenizer: saved next to the model when given (recommended: the card's snippet then loads it too).
         commit_message / commit_description: of the single commit.
@@ -159,10 +181,16 @@ def push_to_hub(model, repo_id: str, *, tokenizer=None, commit_message: str | No
 
     if not isinstance(model, A3LlamaForCausalLM) and type(model).__name__ != "A3LlamaForCausalLM":
         raise TypeError(f"expected an A3-compressed model (A3LlamaForCausalLM), got {type(model).__name__}")
-    with tempfile.TemporaryDirectory(prefix="optimum-a3-push-") as staged:
-        model.save_pretrained(staged, max_shard_size=max_shard_size)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staged)
+    with tempfile.TemporaryDirectory(prefix="optimum-a3-push-") as tmp:
+        staged = os.path.join(tmp, "checkpoint")
+        if getattr(model.config, QUANTIZATION_RECORD, None) is not None:
+            from .quantization import save_quantized
+
+            save_quantized(model, staged, tokenizer=tokenizer)  # its own format; save_pretrained cannot
+        else:
+            model.save_pretrained(staged, max_shard_size=max_shard_size)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staged)
         return push_folder_to_hub(staged, repo_id, commit_message=commit_message,
                                   commit_description=commit_description, private=private, token=token,
                                   revision=revision, create_pr=create_pr, license=license, regenerate_card=True,

@@ -51,10 +51,21 @@ def _dequantized_copy(model, dtype: torch.dtype | None):
 
 
 def load_model_and_tokenizer(spec: str = DEFAULT_MODEL, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
-    """Load ``(model, tokenizer)``; GGUF weights are dequantized into a plain float model."""
+    """Load ``(model, tokenizer)``; GGUF weights are dequantized into a plain float model.
+
+    A checkpoint written by :func:`optimum_a3.quantization.save_quantized` (local or on the Hub) is loaded
+    with :func:`~optimum_a3.quantization.load_quantized`, in the dtype it was quantized in (``dtype`` must
+    then be ``None``): ``from_pretrained`` would silently re-initialise its quantized weights.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name, gguf_file = resolve_model_spec(spec)
+    if gguf_file is None and _is_quantized_checkpoint(name):
+        from .quantization import load_quantized
+
+        if dtype is not None:
+            raise ModelLoadError(f"{spec} is a quantized checkpoint: it computes in the dtype it was quantized in")
+        return load_quantized(name), AutoTokenizer.from_pretrained(name)
     kwargs = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
@@ -66,6 +77,27 @@ def load_model_and_tokenizer(spec: str = DEFAULT_MODEL, dtype: torch.dtype | Non
     if not hasattr(model.config, "_name_or_path") or not model.config._name_or_path:
         model.config._name_or_path = spec
     return model, tokenizer
+
+
+def _is_quantized_checkpoint(name: str) -> bool:
+    """Whether the checkpoint's config.json (local, or fetched from the Hub) has optimum-a3's quantization record."""
+    import json
+
+    from .model_card import QUANTIZATION_RECORD
+
+    path = os.path.join(name, "config.json")
+    if not os.path.isdir(name):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(name, "config.json")
+        except Exception:  # noqa: BLE001 - not a Hub repo, offline, ...: from_pretrained reports it
+            return False
+    try:
+        with open(path, encoding="utf-8") as f:
+            return isinstance(json.load(f).get(QUANTIZATION_RECORD), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def _is_gguf(model) -> bool:

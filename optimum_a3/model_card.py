@@ -27,6 +27,9 @@ CARD_MARKER = "<!-- optimum-a3: generated model card; delete this line to keep y
 PAPER = "arXiv:2505.12942"
 PAPER_URL = "https://arxiv.org/abs/2505.12942"
 TAGS = ["a3", "low-rank", "compression", "optimum-a3"]
+# In config.json of a checkpoint written by optimum_a3.quantization.save_quantized: how it was quantized.
+QUANTIZATION_RECORD = "a3_quantization"
+QUANTIZATION_LIBRARIES = {"hqq": "hqq", "quanto": "optimum-quanto"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 COMPONENT_LABELS = {"qk": ("query/key", "head_dim_qk"), "ov": ("value/output", "head_dim_vo"),
                     "mlp": ("MLP", "intermediate_size")}
@@ -252,7 +255,10 @@ def size_figures(config: dict, base_id: str | None = None) -> dict[str, Any]:
     dims = layer_dims(config)
     head_dim = original_head_dim(config)
     base_inter = original_intermediate_size(config, base_id)
-    dtype = _dtype(config)
+    # A quantized checkpoint computes, and caches keys/values, in its quantization dtype: the KV figures the
+    # record counted in the dtype the model was compressed in do not apply to it.
+    quantization = config.get(QUANTIZATION_RECORD) if isinstance(config.get(QUANTIZATION_RECORD), dict) else {}
+    dtype = quantization.get("dtype") or _dtype(config)
     nbytes = DTYPE_BYTES.get(dtype or "", None)
 
     def pair(key):
@@ -272,7 +278,7 @@ def size_figures(config: dict, base_id: str | None = None) -> dict[str, Any]:
             total = (None if decoder[0] is None else decoder[0] + outside, decoder[1] + outside)
         else:
             total = (None, None)
-    kv = pair("kv_cache_bytes_per_token")
+    kv = None if quantization else pair("kv_cache_bytes_per_token")
     if kv is None and nbytes:
         g = config.get("num_key_value_heads") or config["num_attention_heads"]
         kv = (n * g * 2 * head_dim * nbytes, sum(g * (q + v) for q, v in zip(dims["head_dim_qk"], dims["head_dim_vo"]))
@@ -357,6 +363,7 @@ def card_context(source: Any, *, repo_id: str | None = None, license: str | None
 
     evaluation = _evaluation(record.get("evaluation"))
     recovery = _recovery(record.get("recovery"))
+    quantization = _quantization(config.get(QUANTIZATION_RECORD), source)
     ratio = record.get("ratio")
     preset = record.get("preset")
     load_id = repo_id or "path/to/this/checkpoint"
@@ -388,6 +395,7 @@ def card_context(source: Any, *, repo_id: str | None = None, license: str | None
         "calibration": calibration,
         "evaluation": evaluation,
         "recovery": recovery,
+        "quantization": quantization,
         "has_tokenizer": has_tokenizer,
         "license": license_fields.get("license"),
         "license_fields": license_fields,
@@ -448,6 +456,32 @@ def _recovery(rec: Any) -> dict | None:
             "loss_last": f"{rec['loss_last_steps']:.3f}" if rec.get("loss_last_steps") is not None else "?"}
 
 
+def _quantization(rec: Any, source: Any) -> dict | None:
+    """The weight quantization of a checkpoint written by ``optimum_a3.quantization.save_quantized``."""
+    if not isinstance(rec, dict) or rec.get("backend") not in QUANTIZATION_LIBRARIES:
+        return None
+    groups = []
+    for size, count in (rec.get("group_sizes") or {}).items():
+        layers = f"{count} layer{'s' if count != 1 else ''}"
+        groups.append(f"{layers}: one scale per output channel" if size == "per-channel"
+                      else f"{layers}: groups of {size} weights")
+    evaluation = rec.get("evaluation") if isinstance(rec.get("evaluation"), dict) else None
+    if evaluation is not None and evaluation.get("ppl") is not None:
+        shown = _evaluation({**evaluation, "ppl_compressed": evaluation["ppl"]})
+        evaluation = {"source": shown["source"], "windows_text": shown["windows_text"], "ppl": shown["ppl_compressed"]}
+    else:
+        evaluation = None
+    weight_bytes = None
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        weight_bytes = sum(p.stat().st_size for p in Path(source).iterdir()
+                           if p.is_file() and (p.name == "qmodel.pt" or p.suffix == ".safetensors"))
+    return {"backend": rec["backend"], "library": QUANTIZATION_LIBRARIES[rec["backend"]],
+            "library_version": rec.get("library_version"), "bits": rec.get("bits"), "axis": rec.get("axis"),
+            "dtype": rec.get("dtype"), "skip": ", ".join(f"`{s}`" for s in rec.get("skip") or []) or "none",
+            "groups_text": "; ".join(groups) or "not recorded", "evaluation": evaluation,
+            "weight_size": f"{weight_bytes / 1e6:,.1f} MB" if weight_bytes else None}
+
+
 # ----------------------------------------------------------------------------------------- render
 def card_data(context: dict):
     """The YAML header, as :class:`huggingface_hub.ModelCardData`."""
@@ -457,10 +491,13 @@ def card_data(context: dict):
     if context["base_model_type"]:
         tags.append(str(context["base_model_type"]))
     tags.append("custom_code")
+    quantization = context["quantization"]
+    if quantization:  # loaded with optimum_a3.quantization.load_quantized, not transformers alone
+        tags += [quantization["library"], f"{quantization['bits']}-bit"]
     return ModelCardData(
         base_model=context["base_id"],
         datasets=context["datasets"],
-        library_name="transformers",
+        library_name="optimum-a3" if quantization else "transformers",
         pipeline_tag="text-generation",
         tags=tags,
         metrics=["perplexity"] if context["evaluation"] else None,

@@ -36,12 +36,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .model_card import QUANTIZATION_RECORD, write_model_card
 from .saving import write_atomically
 
 BACKENDS = ("hqq", "quanto")
 BITS = {"hqq": (1, 2, 3, 4, 8), "quanto": (2, 4, 8)}
 DEFAULT_GROUP_SIZE = 64  # the A3 paper's 4-bit setting
-RECORD_KEY = "a3_quantization"  # in config.json: how the checkpoint was quantized, read back by load_quantized
+RECORD_KEY = QUANTIZATION_RECORD  # in config.json: how the checkpoint was quantized, read back by load_quantized
 _HQQ_EXTRA_KEY = "__optimum_a3_extra__"  # in hqq's qmodel.pt: the tensors hqq itself does not save
 
 
@@ -150,8 +151,9 @@ def group_size_counts(model: nn.Module) -> dict[str, int]:
 
 def save_quantized(model: nn.Module, save_dir: str | Path, tokenizer=None, overwrite: bool = False) -> str:
     """Save a model returned by :func:`quantize_model` (config with the quantization record, weights in
-    the backend's format, A3 remote code for quanto, tokenizer). Written atomically, like
-    ``A3Compressor.save``: a failure leaves ``save_dir`` untouched. Reload with :func:`load_quantized`."""
+    the backend's format, A3 remote code for quanto, tokenizer and, for an A3 model, a model card that
+    says how to load it). Written atomically, like ``A3Compressor.save``: a failure leaves ``save_dir``
+    untouched. Reload with :func:`load_quantized`."""
     backend = quantized_backend(model)
     if backend is None or not hasattr(model.config, RECORD_KEY):
         raise QuantizationError("save_quantized expects a model returned by quantize_model or load_quantized")
@@ -166,17 +168,21 @@ def save_quantized(model: nn.Module, save_dir: str | Path, tokenizer=None, overw
             QuantizedModelForCausalLM(model).save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if getattr(model.config, "a3_compression", None):  # cards describe A3 checkpoints only
+            write_model_card(None, tmp)
 
     return write_atomically(str(save_dir), writer, overwrite=overwrite)
 
 
-def load_quantized(save_dir: str | Path, device: str = "cpu") -> nn.Module:
+def load_quantized(save_dir: str | Path, device: str = "cpu", *, revision: str | None = None,
+                   token: str | None = None) -> nn.Module:
     """Reload a checkpoint written by :func:`save_quantized`; its logits equal the saved model's.
 
-    The model computes in the dtype it was quantized in. Plain ``AutoModelForCausalLM.from_pretrained``
-    cannot load these checkpoints (see the module docstring).
+    ``save_dir`` is a local directory or a Hub repo id (downloaded with ``huggingface_hub.snapshot_download``,
+    at ``revision``, with ``token``). The model computes in the dtype it was quantized in. Plain
+    ``AutoModelForCausalLM.from_pretrained`` cannot load these checkpoints (see the module docstring).
     """
-    save_dir = str(save_dir)
+    save_dir = _local_checkpoint(str(save_dir), revision, token)
     config_path = os.path.join(save_dir, "config.json")
     try:
         with open(config_path, encoding="utf-8") as f:
@@ -195,6 +201,20 @@ def load_quantized(save_dir: str | Path, device: str = "cpu") -> nn.Module:
 
         model = QuantizedModelForCausalLM.from_pretrained(save_dir)._wrapped.to(device)
     return model.eval()
+
+
+def _local_checkpoint(path_or_repo: str, revision: str | None, token: str | None) -> str:
+    """A local directory as is; anything else that looks like a repo id is downloaded from the Hub."""
+    if os.path.isdir(path_or_repo):
+        return path_or_repo
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(path_or_repo)
+    except HFValidationError as exc:
+        raise QuantizationError(f"no such directory: {path_or_repo} (nor is it a Hub repo id)") from exc
+    return snapshot_download(path_or_repo, revision=revision, token=token)
 
 
 # ----------------------------------------------------------------------------------- backends

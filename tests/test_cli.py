@@ -143,6 +143,18 @@ def test_quantize_saves_a_reloadable_4bit_checkpoint(compressed_dir, base_dir, t
     assert quantized_backend(reloaded) == "hqq"
     assert reloaded.config.head_dim_vo == json.loads((compressed_dir / "config.json").read_text())["head_dim_vo"]
 
+    # `eval` loads the quantized checkpoint with load_quantized (from_pretrained would re-initialise its
+    # weights) and measures exactly what `quantize --eval` measured before saving.
+    code, out, err = run(capsys, ["eval", str(tmp_path / "q"), "--source", text, "--eval-seqlen", "32",
+                                  "--eval-windows", "2"])
+    assert code == 0, err
+    assert json.loads(out)["ppl"] == summary["ppl"]
+    # The card says how to load it and shows the perplexity measured after quantization.
+    card = (tmp_path / "q" / "README.md").read_text()
+    usage = card.split("## Usage")[1].split("## Compression")[0]
+    assert 'load_quantized("path/to/this/checkpoint")' in usage and "AutoModelForCausalLM" not in usage
+    assert f"**{summary['ppl']:.3f}**" in card
+
 
 def test_recover_fine_tunes_and_saves_a_plain_a3_checkpoint(compressed_dir, base_dir, tmp_path, capsys):
     text = str(base_dir / "text.txt")

@@ -6,12 +6,14 @@ redirects to a separate storage origin), with bearer-token checks. The library r
 ``huggingface_hub``: in this process by patching its endpoint constants, in subprocesses through ``HF_ENDPOINT``.
 """
 
+import copy
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from optimum_a3 import A3Compressor, A3Config
@@ -185,3 +187,50 @@ def test_console_script_push_through_hf_endpoint(hub, pushed, tmp_path):
     card = hub.files("a3-tester/from-cli")["README.md"].decode()
     assert yaml.safe_load(card.split("---\n")[1])["license"] == "apache-2.0"
     assert 'from_pretrained("a3-tester/from-cli", trust_remote_code=True)' in card
+
+
+# In a fresh process: load a quantized checkpoint by repo id the way the CLI does, compare with the reference.
+LOAD_QUANTIZED = """
+import json, sys, torch
+from optimum_a3.loading import load_model_and_tokenizer
+model, tokenizer = load_model_and_tokenizer(sys.argv[1])
+ref = torch.load(sys.argv[2])
+with torch.no_grad():
+    logits = model(ref["input_ids"]).logits
+print(json.dumps({"logits_equal": bool(torch.equal(logits, ref["logits"])), "vocab": len(tokenizer),
+                  "quantized_layers": sum(type(m).__name__ == "HQQLinear" for m in model.modules())}))
+"""
+
+
+def test_quantized_model_is_pushed_in_its_format_and_loads_by_repo_id(hub, client, pushed, tmp_path):
+    from optimum_a3.quantization import quantize_model
+
+    repo_id = "a3-tester/tiny-a3-hqq4"
+    quantized = quantize_model(copy.deepcopy(pushed["model"]), backend="hqq", bits=4)
+    push_to_hub(quantized, repo_id, tokenizer=tiny_tokenizer(), token=hub.token)
+    files = hub.files(repo_id)
+    assert {"config.json", "qmodel.pt", "README.md", "tokenizer.json"} <= set(files)
+    assert not any(name.endswith(".safetensors") for name in files)  # from_pretrained has nothing to misread
+    assert json.loads(files["config.json"])["a3_quantization"]["backend"] == "hqq"
+    card = files["README.md"].decode()
+    assert f'load_quantized("{repo_id}")' in card and "## Quantization" in card
+
+    with torch.no_grad():
+        torch.save({"input_ids": PROBE, "logits": quantized(PROBE).logits}, tmp_path / "ref.pt")
+    env = client_env(hub, str(tmp_path / "fresh_home"))
+    proc = subprocess.run([sys.executable, "-c", LOAD_QUANTIZED, repo_id, str(tmp_path / "ref.pt")], env=env,
+                          capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"logits_equal": True, "vocab": len(tiny_tokenizer()), "quantized_layers": 14}
+
+
+def test_quantized_checkpoint_without_its_weights_is_refused(hub, client, pushed, tmp_path):
+    from optimum_a3.quantization import quantize_model, save_quantized
+
+    directory = Path(save_quantized(quantize_model(copy.deepcopy(pushed["model"]), backend="hqq"), tmp_path / "q"))
+    (directory / "qmodel.pt").unlink()
+    start = len(hub.log)
+    with pytest.raises(CheckpointError, match="hqq-quantized checkpoint without qmodel.pt"):
+        push_folder_to_hub(directory, REPO, token=hub.token)
+    assert len(hub.log) == start

@@ -5,10 +5,13 @@ import json
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from optimum_a3 import A3Compressor, A3Config
+from optimum_a3.budget import kv_cache_bytes_per_token
 from optimum_a3.evaluation import perplexity
+from optimum_a3.model_card import CARD_MARKER
 from optimum_a3.quantization import (QuantizationError, inference_mode_as_no_grad, load_quantized, quantize_model,
                                      quantized_backend, save_quantized)
 from tiny_models import random_token_windows, tiny_llama, tiny_tokenizer
@@ -57,6 +60,25 @@ def test_quantized_a3_model_reloads_with_identical_logits(tmp_path, a3_model, ba
     for original, layer in zip(a3_model.model.layers, reloaded.model.layers):
         assert torch.equal(layer.self_attn.rope_pairs, original.self_attn.rope_pairs)
         assert layer.self_attn.head_dim_qk == original.self_attn.head_dim_qk
+    assert_card_describes_the_quantization(tmp_path / "q", backend, dtype, kv_cache_bytes_per_token(a3_model, dtype))
+
+
+def assert_card_describes_the_quantization(directory, backend, dtype, kv_bytes):
+    """The card of a quantized A3 checkpoint loads it with load_quantized, never with from_pretrained alone."""
+    card = (directory / "README.md").read_text()
+    # keys and values are cached in the compute dtype, not the dtype the model was compressed in (float32)
+    assert f"| KV cache per token ({str(dtype)[6:]}) |" in card and f"| {kv_bytes:,} B" in card
+    meta = yaml.safe_load(card.split("---\n")[1])
+    library = {"hqq": "hqq", "quanto": "optimum-quanto"}[backend]
+    assert meta["library_name"] == "optimum-a3" and {library, "4-bit"} <= set(meta["tags"])
+    usage = card.split("## Usage")[1].split("## Compression")[0]
+    assert 'load_quantized("path/to/this/checkpoint")' in usage and "AutoModelForCausalLM" not in usage
+    section = card.split("## Quantization")[1].split("\n## ")[0]
+    assert f"`{library}`" in section and "| Weight bits | 4 |" in section
+    assert f"| Compute dtype (scales, activations, embeddings) | `{str(dtype)[6:]}` |" in section
+    on_disk = sum(p.stat().st_size for p in directory.iterdir() if p.name == "qmodel.pt" or p.suffix == ".safetensors")
+    assert f"| Weight files on disk | {on_disk / 1e6:,.1f} MB |" in section
+    assert "No perplexity was recorded after quantization." in section
 
 
 def test_hqq_uses_group_size_64_by_default_and_quanto_its_own(a3_model):
@@ -114,7 +136,10 @@ def test_already_quantized_and_unquantized_models_are_refused(tmp_path, a3_model
     A3Compressor(A3Config(ratio=0.25)).save(a3_model, tmp_path / "a3")
     with pytest.raises(QuantizationError, match="not a checkpoint written by save_quantized"):
         load_quantized(tmp_path / "a3")
+    (tmp_path / "empty").mkdir()
     with pytest.raises(QuantizationError, match="no readable config.json"):
+        load_quantized(tmp_path / "empty")
+    with pytest.raises(QuantizationError, match="no such directory"):
         load_quantized(tmp_path / "missing")
 
 
@@ -127,6 +152,8 @@ def test_dense_bf16_model_reloads_with_identical_logits(tmp_path, backend):
     assert quantized.model.rotary_emb.inv_freq.dtype == torch.float32
     reloaded = load_quantized(save_quantized(quantized, tmp_path / "q"))
     assert torch.equal(logits(reloaded), logits(quantized))
+    card = tmp_path / "q" / "README.md"  # quanto writes huggingface_hub's generic mixin card; no A3 card
+    assert not card.exists() or CARD_MARKER not in card.read_text()
 
 
 def test_quanto_model_evaluates_with_the_perplexity_protocol(a3_model):
