@@ -5,6 +5,19 @@
 
 Writes ``results.md``, ``results.json`` and ``ppl_vs_ratio.png`` to ``--out``. Every model sees the
 same calibration windows, the same evaluation windows and the same thread count.
+
+Three phases; keep the machine quiet during the first two, whose figures are timings:
+
+1. build: every model is compressed once. Each compression that runs a calibration forward is timed
+   against a plain forward over the same calibration windows measured just before it, so that a
+   machine whose speed drifts during the run (seen here: +-20% over an hour) does not bias the ratio.
+2. speed: prefill and decode are timed in ``--repeats`` interleaved rounds over all models (dense
+   included), best round per model, so that drift and transient slowdowns hit every model alike.
+3. evaluation: perplexity of every model (the long part: ~12 min per model for the full split on 2
+   CPU cores); these figures do not depend on what else runs.
+
+``results.json`` is rewritten after every step, so a cut-off run keeps what it measured (rows without
+``ppl`` are not evaluated yet).
 """
 
 from __future__ import annotations
@@ -16,6 +29,7 @@ import platform
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 
 import psutil
 import torch
@@ -25,6 +39,7 @@ from optimum_a3 import A3Compressor, A3Config
 from optimum_a3.baselines import collect_input_gram, compress_plain_svd, compress_svd_llm
 from optimum_a3.budget import decoder_linear_params, kv_cache_bytes_per_token, total_params
 from optimum_a3.calibration import calibration_windows
+from optimum_a3.data import load_rows
 from optimum_a3.evaluation import perplexity, tokenize_rows, wikitext2_test_rows
 from optimum_a3.loading import load_model_and_tokenizer
 
@@ -65,6 +80,14 @@ class PeakRSS:
         return (self.peak - self.start) / 2**20
 
 
+@dataclass
+class Built:
+    """One model of the run and what has been measured of it so far (``row`` goes to results.json)."""
+
+    model: torch.nn.Module
+    row: dict = field(default_factory=dict)
+
+
 def checkpoint_bytes(model) -> int:
     """Size of the weights as one safetensors file (tied weights stored once)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,29 +97,142 @@ def checkpoint_bytes(model) -> int:
 
 
 @torch.inference_mode()
-def prefill_tokens_per_s(model, vocab: int, batch: int, seqlen: int, repeats: int) -> float:
-    ids = torch.randint(3, vocab, (batch, seqlen), generator=torch.Generator().manual_seed(0))
-    model(ids[:, :64], use_cache=False)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(ids, use_cache=False)
-        best = min(best, time.perf_counter() - t0)
-    return batch * seqlen / best
+def calibration_forward_s(model, calib: torch.Tensor) -> float:
+    """The reference cost: one plain forward of the decoder over the calibration windows."""
+    t0 = time.perf_counter()
+    for row in calib:
+        model.model(row[None], use_cache=False)
+    return time.perf_counter() - t0
 
 
 @torch.inference_mode()
-def decode_tokens_per_s(model, vocab: int, prompt_len: int, new_tokens: int, repeats: int) -> float:
-    ids = torch.randint(3, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(1))
+def prefill_s(model, ids: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    model(ids, use_cache=False)
+    return time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def decode_s(model, prompt: torch.Tensor, new_tokens: int) -> float:
     kwargs = dict(do_sample=False, use_cache=True, min_new_tokens=new_tokens, max_new_tokens=new_tokens,
                   pad_token_id=0)
-    model.generate(ids, **{**kwargs, "min_new_tokens": 2, "max_new_tokens": 2})  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model.generate(ids, **kwargs)
-        best = min(best, time.perf_counter() - t0)
-    return new_tokens / best
+    t0 = time.perf_counter()
+    model.generate(prompt, **kwargs)
+    return time.perf_counter() - t0
+
+
+def build_models(args, model, calib, save) -> list[Built]:
+    """Phase 1: the dense model and every compressed one, with their compression cost."""
+    built = [Built(model, {"method": "dense", "ratio": 0.0, "compress_s": None, "calib_forward_s": None,
+                           "compress_over_calib_forward": None, "calib_forward_share": None,
+                           "compress_peak_extra_mb": None})]
+    reference_s = None
+
+    def add(method, ratio, small, compress_s=None, peak_mb=None, forward_share=None):
+        row = {"method": method, "ratio": ratio, "compress_s": compress_s, "calib_forward_s": None,
+               "compress_over_calib_forward": None, "calib_forward_share": forward_share,
+               "compress_peak_extra_mb": peak_mb}
+        if compress_s is not None:
+            row["calib_forward_s"] = reference_s
+            row["compress_over_calib_forward"] = compress_s / reference_s
+        built.append(Built(small, row))
+        print(f"[{method} {ratio}] built" + ("" if compress_s is None else f" in {compress_s:.1f} s "
+              f"({row['compress_over_calib_forward']:.2f}x the calibration forward)"), flush=True)
+        save(built)
+
+    def reference():
+        nonlocal reference_s
+        reference_s = calibration_forward_s(model, calib)
+        print(f"calibration forward alone: {reference_s:.1f} s ({len(calib)} x {calib.shape[1]} tokens)", flush=True)
+
+    grams, refit_stats = None, None
+    for ratio in args.ratios:
+        paper_stats = None
+        for method in [m for m in args.methods if m in A3_VARIANTS]:
+            compressor = A3Compressor(A3Config(ratio=ratio, seed=args.seed, **A3_VARIANTS[method]))
+            cfg = compressor.config
+            # Statistics are reused where they can be (as with a stats cache): the mixed allocation
+            # reuses the paper run's, the refit reuses the first ratio's. Sequential runs are always fresh.
+            reuse = None
+            if cfg.allocation == "mixed" and not cfg.mlp_refit and paper_stats is not None:
+                reuse = paper_stats
+            elif cfg.mlp_refit and not cfg.sequential and refit_stats is not None:
+                reuse = refit_stats
+            keep = method == "a3" or (cfg.mlp_refit and not cfg.sequential)
+            if reuse is None:
+                reference()
+            print(f"[{method} {ratio}] compressing", flush=True)
+            with PeakRSS() as mem:
+                t0 = time.perf_counter()
+                small = compressor.compress(model, calibration_ids=calib, statistics=reuse, keep_statistics=keep,
+                                            progress=False)
+                took = time.perf_counter() - t0
+            if method == "a3":
+                paper_stats = compressor.last_statistics
+            if keep and cfg.mlp_refit:
+                refit_stats = compressor.last_statistics
+            if reuse is None:
+                add(method, ratio, small, took, mem.extra_mb, compressor.last_timings["calibration_forward_s"] / took)
+            else:
+                add(method, ratio, small)
+        if "svd" in args.methods:  # no calibration data: compared with the latest reference forward
+            if reference_s is None:
+                reference()
+            with PeakRSS() as mem:
+                t0 = time.perf_counter()
+                small = compress_plain_svd(model, ratio, progress=False)
+                took = time.perf_counter() - t0
+            add("svd", ratio, small, took, mem.extra_mb, 0.0)
+        if "svd-llm" in args.methods:
+            # Only the first ratio pays for the calibration forward; later ones reuse the statistics.
+            fresh = grams is None
+            if fresh:
+                reference()
+            with PeakRSS() as mem:
+                t0 = time.perf_counter()
+                if fresh:
+                    grams = collect_input_gram(model, calib, progress=False)
+                    cal_s = time.perf_counter() - t0
+                small = compress_svd_llm(model, ratio, grams=grams, progress=False)
+                took = time.perf_counter() - t0
+            if fresh:
+                add("svd-llm", ratio, small, took, mem.extra_mb, cal_s / took)
+            else:
+                add("svd-llm", ratio, small)
+    return built
+
+
+def measure_speed(args, built: list[Built], vocab: int, save) -> None:
+    """Phase 2: prefill and decode of every model in interleaved rounds; the best round counts."""
+    gen = torch.Generator().manual_seed(0)
+    prefill_ids = torch.randint(3, vocab, (args.prefill_batch, args.prefill_seqlen), generator=gen)
+    prompt = torch.randint(3, vocab, (1, 32), generator=gen)
+    for entry in built:  # warm-up: first calls allocate and pick kernels
+        prefill_s(entry.model, prefill_ids[:, :64])
+        decode_s(entry.model, prompt, 2)
+    best = [[float("inf"), float("inf")] for _ in built]
+    for rnd in range(args.repeats):
+        for i, entry in enumerate(built):
+            best[i][0] = min(best[i][0], prefill_s(entry.model, prefill_ids))
+            best[i][1] = min(best[i][1], decode_s(entry.model, prompt, args.decode_tokens))
+        print(f"speed round {rnd + 1}/{args.repeats} done", flush=True)
+    for entry, (prefill, decode) in zip(built, best):
+        entry.row["prefill_tok_s"] = prefill_ids.numel() / prefill
+        entry.row["decode_tok_s"] = args.decode_tokens / decode
+    save(built)
+
+
+def evaluate(args, built: list[Built], eval_ids: torch.Tensor, save) -> None:
+    """Phase 3: sizes and perplexity."""
+    for entry in built:
+        small, row = entry.model, entry.row
+        row.update(decoder_linear_params=decoder_linear_params(small), total_params=total_params(small),
+                   checkpoint_bytes=checkpoint_bytes(small), kv_bytes_per_token=kv_cache_bytes_per_token(small))
+        print(f"[{row['method']} {row['ratio']}] evaluating", flush=True)
+        result = perplexity(small, eval_ids, seqlen=args.eval_seqlen, max_windows=args.eval_windows, progress=False)
+        row.update(ppl=result.ppl, eval_windows=result.num_windows)
+        print(f"[{row['method']} {row['ratio']}] ppl {result.ppl:.2f} on {result.num_windows} windows", flush=True)
+        save(built)
 
 
 def main():
@@ -114,7 +250,7 @@ def main():
     p.add_argument("--prefill-batch", type=int, default=4)
     p.add_argument("--prefill-seqlen", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="interleaved speed rounds (best round per model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench_results")
     p.add_argument("--report-only", action="store_true", help="rewrite the table and plot from --out/results.json")
@@ -122,104 +258,28 @@ def main():
     if args.report_only:
         with open(os.path.join(args.out, "results.json")) as f:
             saved = json.load(f)
-        write_report(argparse.Namespace(**saved["args"]), saved["rows"], saved["calib_forward_s"],
-                     saved["machine"]["torch_threads"])
+        write_report(argparse.Namespace(**saved["args"]), saved["rows"], saved["machine"]["torch_threads"])
         return
 
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(args.seed)
     threads = torch.get_num_threads()
     model, tok = load_model_and_tokenizer(args.model)
-    vocab = model.config.vocab_size
     calib = calibration_windows(tok, args.calibration, args.nsamples, args.seqlen, args.seed)
-    eval_rows = wikitext2_test_rows(args.eval_source) if args.eval_source is None or args.eval_source.endswith(".raw") \
-        else None
-    from optimum_a3.data import load_rows
+    if args.eval_source is None or args.eval_source.endswith(".raw"):
+        eval_rows = wikitext2_test_rows(args.eval_source)
+    else:
+        eval_rows = load_rows(args.eval_source)
+    eval_ids = tokenize_rows(eval_rows, tok)
 
-    eval_ids = tokenize_rows(eval_rows if eval_rows is not None else load_rows(args.eval_source), tok)
-
-    # The reference cost: one plain forward pass over the calibration windows.
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for row in calib:
-            model.model(row[None], use_cache=False)
-    calib_forward_s = time.perf_counter() - t0
-    print(f"calibration forward alone: {calib_forward_s:.1f} s ({args.nsamples} x {args.seqlen} tokens)", flush=True)
-
-    rows = []
-
-    def measure(method, ratio, small, compress_s=None, peak_mb=None, forward_share=None):
-        print(f"[{method} {ratio}] evaluating", flush=True)
-        result = perplexity(small, eval_ids, seqlen=args.eval_seqlen, max_windows=args.eval_windows, progress=False)
-        row = {
-            "method": method, "ratio": ratio, "ppl": result.ppl, "eval_windows": result.num_windows,
-            "decoder_linear_params": decoder_linear_params(small), "total_params": total_params(small),
-            "checkpoint_bytes": checkpoint_bytes(small), "kv_bytes_per_token": kv_cache_bytes_per_token(small),
-            "compress_s": compress_s, "compress_over_calib_forward": None if compress_s is None else compress_s / calib_forward_s,
-            "calib_forward_share": forward_share, "compress_peak_extra_mb": peak_mb,
-            "prefill_tok_s": prefill_tokens_per_s(small, vocab, args.prefill_batch, args.prefill_seqlen, args.repeats),
-            "decode_tok_s": decode_tokens_per_s(small, vocab, 32, args.decode_tokens, args.repeats),
-        }
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    def save(built):
         with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump({"machine": machine(threads), "args": vars(args), "calib_forward_s": calib_forward_s,
-                       "rows": rows}, f, indent=2)
+            json.dump({"machine": machine(threads), "args": vars(args), "rows": [b.row for b in built]}, f, indent=2)
 
-    measure("dense", 0.0, model)
-    grams, refit_stats = None, None
-    for ratio in args.ratios:
-        paper_stats = None
-        for method in [m for m in args.methods if m in A3_VARIANTS]:
-            overrides = A3_VARIANTS[method]
-            compressor = A3Compressor(A3Config(ratio=ratio, seed=args.seed, **overrides))
-            cfg = compressor.config
-            # Statistics are reused where they can be (as with a stats cache): the mixed allocation
-            # reuses the paper run's, the refit reuses the first ratio's. Sequential runs are always fresh.
-            reuse = None
-            if cfg.allocation == "mixed" and not cfg.mlp_refit and paper_stats is not None:
-                reuse = paper_stats
-            elif cfg.mlp_refit and not cfg.sequential and refit_stats is not None:
-                reuse = refit_stats
-            keep = method == "a3" or (cfg.mlp_refit and not cfg.sequential)
-            with PeakRSS() as mem:
-                t0 = time.perf_counter()
-                small = compressor.compress(model, calibration_ids=calib, statistics=reuse, keep_statistics=keep,
-                                            progress=False)
-                took = time.perf_counter() - t0
-            if method == "a3":
-                paper_stats = compressor.last_statistics
-            if keep and cfg.mlp_refit:
-                refit_stats = compressor.last_statistics
-            if reuse is None:
-                measure(method, ratio, small, took, mem.extra_mb, compressor.last_timings["calibration_forward_s"] / took)
-            else:
-                measure(method, ratio, small)
-            del small
-        if "svd" in args.methods:
-            with PeakRSS() as mem:
-                t0 = time.perf_counter()
-                small = compress_plain_svd(model, ratio, progress=False)
-                took = time.perf_counter() - t0
-            measure("svd", ratio, small, took, mem.extra_mb, 0.0)
-            del small
-        if "svd-llm" in args.methods:
-            fresh = grams is None
-            with PeakRSS() as mem:
-                t0 = time.perf_counter()
-                if fresh:
-                    grams = collect_input_gram(model, calib, progress=False)
-                    cal_s = time.perf_counter() - t0
-                small = compress_svd_llm(model, ratio, grams=grams, progress=False)
-                took = time.perf_counter() - t0
-            # Only the first ratio pays for the calibration forward; later ones reuse the statistics.
-            if fresh:
-                measure("svd-llm", ratio, small, took, mem.extra_mb, cal_s / took)
-            else:
-                measure("svd-llm", ratio, small)
-            del small
-
-    write_report(args, rows, calib_forward_s, threads)
+    built = build_models(args, model, calib, save)
+    measure_speed(args, built, model.config.vocab_size, save)
+    evaluate(args, built, eval_ids, save)
+    write_report(args, [b.row for b in built], threads)
 
 
 def machine(threads: int) -> dict:
@@ -232,23 +292,29 @@ def _fmt(value, spec):
     return "" if value is None else format(value, spec)
 
 
-def write_report(args, rows, calib_forward_s, threads):
+def write_report(args, rows, threads):
+    rows = [r for r in rows if r.get("prefill_tok_s") is not None and r.get("kv_bytes_per_token") is not None]
     dense = next(r for r in rows if r["method"] == "dense")
+    forwards = [r["calib_forward_s"] for r in rows if r.get("calib_forward_s")]
+    forward_text = f"{min(forwards):.1f}-{max(forwards):.1f} s" if forwards else "not measured"
     lines = [
         f"Model `{args.model}`, calibration {args.nsamples} x {args.seqlen} tokens of `{args.calibration}` "
         f"(seed {args.seed}), WikiText-2 test perplexity at seqlen {args.eval_seqlen} on "
-        f"{dense['eval_windows']} windows; {threads} threads; calibration forward alone {calib_forward_s:.1f} s.",
+        f"{dense.get('eval_windows') or 'no'} windows; {threads} threads; calibration forward alone "
+        f"{forward_text} (measured before each compression); speed: best of {args.repeats} interleaved rounds.",
         "",
         "| method | ratio | WikiText-2 ppl | decoder linear params | total params | checkpoint MB | KV bytes/token "
-        "| compress s | compress / calib fwd | calib fwd share | peak extra MB | prefill tok/s (x dense) | decode tok/s (x dense) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| compress s | calib fwd alone s | compress / calib fwd | calib fwd share | peak extra MB "
+        "| prefill tok/s (x dense) | decode tok/s (x dense) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r['ratio']:.1f} | {r['ppl']:.2f} | {r['decoder_linear_params']:,} | {r['total_params']:,} "
-            f"| {r['checkpoint_bytes'] / 1e6:.1f} | {r['kv_bytes_per_token']:,} | {_fmt(r['compress_s'], '.1f')} "
-            f"| {_fmt(r['compress_over_calib_forward'], '.2f')} | {_fmt(r['calib_forward_share'], '.0%')} "
-            f"| {_fmt(r['compress_peak_extra_mb'], '.0f')} "
+            f"| {r['method']} | {r['ratio']:.1f} | {_fmt(r.get('ppl'), '.2f')} | {r['decoder_linear_params']:,} "
+            f"| {r['total_params']:,} | {r['checkpoint_bytes'] / 1e6:.1f} | {r['kv_bytes_per_token']:,} "
+            f"| {_fmt(r.get('compress_s'), '.1f')} | {_fmt(r.get('calib_forward_s'), '.1f')} "
+            f"| {_fmt(r.get('compress_over_calib_forward'), '.2f')} | {_fmt(r.get('calib_forward_share'), '.0%')} "
+            f"| {_fmt(r.get('compress_peak_extra_mb'), '.0f')} "
             f"| {r['prefill_tok_s']:.0f} ({r['prefill_tok_s'] / dense['prefill_tok_s']:.2f}x) "
             f"| {r['decode_tok_s']:.1f} ({r['decode_tok_s'] / dense['decode_tok_s']:.2f}x) |"
         )
@@ -257,6 +323,8 @@ def write_report(args, rows, calib_forward_s, threads):
         f.write(table + "\n")
     print(table)
 
+    if dense.get("ppl") is None:
+        return  # nothing evaluated yet: no plot
     import matplotlib
 
     matplotlib.use("Agg")
@@ -264,7 +332,7 @@ def write_report(args, rows, calib_forward_s, threads):
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"):
-        pts = sorted((r["ratio"], r["ppl"]) for r in rows if r["method"] == method)
+        pts = sorted((r["ratio"], r["ppl"]) for r in rows if r["method"] == method and r.get("ppl") is not None)
         ax.plot([0.0] + [x for x, _ in pts], [dense["ppl"]] + [y for _, y in pts], marker="o", label=method)
     ax.set_xlabel("compression ratio (decoder linear parameters removed)")
     ax.set_ylabel("WikiText-2 perplexity")
