@@ -17,7 +17,9 @@ Three phases; keep the machine quiet during the first two, whose figures are tim
    CPU cores); these figures do not depend on what else runs.
 
 ``results.json`` is rewritten after every step, so a cut-off run keeps what it measured (rows without
-``ppl`` are not evaluated yet).
+``ppl`` are not evaluated yet; ``--report-only`` tabulates what is there). Every model stays in memory
+until the end (SmolLM2-135M in float32: ~0.5 GB each, 16-21 models): choose ``--methods`` and
+``--ratios`` accordingly for larger models.
 """
 
 from __future__ import annotations
@@ -258,7 +260,11 @@ def main():
     if args.report_only:
         with open(os.path.join(args.out, "results.json")) as f:
             saved = json.load(f)
-        write_report(argparse.Namespace(**saved["args"]), saved["rows"], saved["machine"]["torch_threads"])
+        if "calib_forward_s" in saved:  # one reference forward for the whole run, speed not interleaved
+            raise SystemExit(f"{args.out}/results.json was written by an older version of this script")
+        # The run's settings, but the report goes where --out says now.
+        write_report(argparse.Namespace(**{**saved["args"], "out": args.out}), saved["rows"],
+                     saved["machine"]["torch_threads"])
         return
 
     os.makedirs(args.out, exist_ok=True)
@@ -272,9 +278,11 @@ def main():
         eval_rows = load_rows(args.eval_source)
     eval_ids = tokenize_rows(eval_rows, tok)
 
-    def save(built):
-        with open(os.path.join(args.out, "results.json"), "w") as f:
+    def save(built):  # atomically: a run killed while writing keeps the previous results.json
+        path = os.path.join(args.out, "results.json")
+        with open(path + ".tmp", "w") as f:
             json.dump({"machine": machine(threads), "args": vars(args), "rows": [b.row for b in built]}, f, indent=2)
+        os.replace(path + ".tmp", path)
 
     built = build_models(args, model, calib, save)
     measure_speed(args, built, model.config.vocab_size, save)
@@ -292,16 +300,26 @@ def _fmt(value, spec):
     return "" if value is None else format(value, spec)
 
 
+def _speed(row, dense, key, spec):
+    """``value (x dense)``, or what of it is known (a cut-off run may lack either)."""
+    value, base = row.get(key), (dense or {}).get(key)
+    if value is None:
+        return ""
+    return f"{value:{spec}}" + (f" ({value / base:.2f}x)" if base else "")
+
+
 def write_report(args, rows, threads):
-    rows = [r for r in rows if r.get("prefill_tok_s") is not None and r.get("kv_bytes_per_token") is not None]
-    dense = next(r for r in rows if r["method"] == "dense")
+    """results.md (and the plot, once the dense model is evaluated) from the rows measured so far."""
+    dense = next((r for r in rows if r["method"] == "dense"), None)
     forwards = [r["calib_forward_s"] for r in rows if r.get("calib_forward_s")]
     forward_text = f"{min(forwards):.1f}-{max(forwards):.1f} s" if forwards else "not measured"
+    windows = (dense or {}).get("eval_windows")
     lines = [
         f"Model `{args.model}`, calibration {args.nsamples} x {args.seqlen} tokens of `{args.calibration}` "
         f"(seed {args.seed}), WikiText-2 test perplexity at seqlen {args.eval_seqlen} on "
-        f"{dense.get('eval_windows') or 'no'} windows; {threads} threads; calibration forward alone "
-        f"{forward_text} (measured before each compression); speed: best of {args.repeats} interleaved rounds.",
+        f"{windows or 'no'} windows; {threads} threads; calibration forward alone {forward_text} (measured before "
+        f"each compression that runs one; plain SVD, which runs none, is compared with the latest); speed: best of "
+        f"{args.repeats} interleaved rounds.",
         "",
         "| method | ratio | WikiText-2 ppl | decoder linear params | total params | checkpoint MB | KV bytes/token "
         "| compress s | calib fwd alone s | compress / calib fwd | calib fwd share | peak extra MB "
@@ -309,22 +327,23 @@ def write_report(args, rows, threads):
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        size = r.get("checkpoint_bytes")
         lines.append(
-            f"| {r['method']} | {r['ratio']:.1f} | {_fmt(r.get('ppl'), '.2f')} | {r['decoder_linear_params']:,} "
-            f"| {r['total_params']:,} | {r['checkpoint_bytes'] / 1e6:.1f} | {r['kv_bytes_per_token']:,} "
+            f"| {r['method']} | {r['ratio']:.1f} | {_fmt(r.get('ppl'), '.2f')} | {_fmt(r.get('decoder_linear_params'), ',')} "
+            f"| {_fmt(r.get('total_params'), ',')} | {_fmt(None if size is None else size / 1e6, '.1f')} "
+            f"| {_fmt(r.get('kv_bytes_per_token'), ',')} "
             f"| {_fmt(r.get('compress_s'), '.1f')} | {_fmt(r.get('calib_forward_s'), '.1f')} "
             f"| {_fmt(r.get('compress_over_calib_forward'), '.2f')} | {_fmt(r.get('calib_forward_share'), '.0%')} "
             f"| {_fmt(r.get('compress_peak_extra_mb'), '.0f')} "
-            f"| {r['prefill_tok_s']:.0f} ({r['prefill_tok_s'] / dense['prefill_tok_s']:.2f}x) "
-            f"| {r['decode_tok_s']:.1f} ({r['decode_tok_s'] / dense['decode_tok_s']:.2f}x) |"
+            f"| {_speed(r, dense, 'prefill_tok_s', '.0f')} | {_speed(r, dense, 'decode_tok_s', '.1f')} |"
         )
     table = "\n".join(lines)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(table + "\n")
     print(table)
 
-    if dense.get("ppl") is None:
-        return  # nothing evaluated yet: no plot
+    if dense is None or dense.get("ppl") is None:
+        return  # the dense model is not evaluated yet: no plot
     import matplotlib
 
     matplotlib.use("Agg")

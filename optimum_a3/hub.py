@@ -170,7 +170,7 @@ def push_to_hub(model, repo_id: str, *, tokenizer=None, commit_message: str | No
         token: a write token (default: ``HF_TOKEN`` or the saved login).
         revision: branch to push to (created from ``main`` if missing).
         create_pr: open a pull request instead of committing to the branch.
-        max_shard_size: largest safetensors shard.
+        max_shard_size: largest safetensors shard (not for a quantized model: its backend writes its own files).
         license: license of the card (default: the base model's when it can be found).
         endpoint: Hub endpoint (default: ``HF_ENDPOINT`` / huggingface.co).
 

@@ -80,24 +80,15 @@ def load_model_and_tokenizer(spec: str = DEFAULT_MODEL, dtype: torch.dtype | Non
 
 
 def _is_quantized_checkpoint(name: str) -> bool:
-    """Whether the checkpoint's config.json (local, or fetched from the Hub) has optimum-a3's quantization record."""
-    import json
+    """Whether the checkpoint's config.json has optimum-a3's quantization record. Read the way
+    ``from_pretrained`` reads it (local directory, Hub cache, then the Hub), so a Hub id is fetched once and
+    a bad name fails with ``from_pretrained``'s own error."""
+    from transformers import PretrainedConfig
 
     from .model_card import QUANTIZATION_RECORD
 
-    path = os.path.join(name, "config.json")
-    if not os.path.isdir(name):
-        try:
-            from huggingface_hub import hf_hub_download
-
-            path = hf_hub_download(name, "config.json")
-        except Exception:  # noqa: BLE001 - not a Hub repo, offline, ...: from_pretrained reports it
-            return False
-    try:
-        with open(path, encoding="utf-8") as f:
-            return isinstance(json.load(f).get(QUANTIZATION_RECORD), dict)
-    except (OSError, ValueError):
-        return False
+    config_dict, _ = PretrainedConfig.get_config_dict(name)
+    return isinstance(config_dict.get(QUANTIZATION_RECORD), dict)
 
 
 def _is_gguf(model) -> bool:

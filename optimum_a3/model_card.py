@@ -475,9 +475,11 @@ def _quantization(rec: Any, source: Any) -> dict | None:
     if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
         weight_bytes = sum(p.stat().st_size for p in Path(source).iterdir()
                            if p.is_file() and (p.name == "qmodel.pt" or p.suffix == ".safetensors"))
+    bits = rec.get("bits")
     return {"backend": rec["backend"], "library": QUANTIZATION_LIBRARIES[rec["backend"]],
-            "library_version": rec.get("library_version"), "bits": rec.get("bits"), "axis": rec.get("axis"),
-            "dtype": rec.get("dtype"), "skip": ", ".join(f"`{s}`" for s in rec.get("skip") or []) or "none",
+            "library_version": rec.get("library_version"), "bits": bits, "axis": rec.get("axis"),
+            "bits_text": f"{bits}-bit" if bits is not None else "low-bit", "dtype": rec.get("dtype"),
+            "skip": "".join(f"`{s}`, " for s in rec.get("skip") or []),
             "groups_text": "; ".join(groups) or "not recorded", "evaluation": evaluation,
             "weight_size": f"{weight_bytes / 1e6:,.1f} MB" if weight_bytes else None}
 
@@ -490,17 +492,18 @@ def card_data(context: dict):
     tags = list(TAGS)
     if context["base_model_type"]:
         tags.append(str(context["base_model_type"]))
-    tags.append("custom_code")
     quantization = context["quantization"]
-    if quantization:  # loaded with optimum_a3.quantization.load_quantized, not transformers alone
-        tags += [quantization["library"], f"{quantization['bits']}-bit"]
+    if quantization:  # loaded with optimum_a3.quantization.load_quantized, not with transformers' remote code
+        tags += [quantization["library"]] + ([quantization["bits_text"]] if quantization["bits"] is not None else [])
+    else:
+        tags.append("custom_code")
     return ModelCardData(
         base_model=context["base_id"],
         datasets=context["datasets"],
         library_name="optimum-a3" if quantization else "transformers",
         pipeline_tag="text-generation",
         tags=tags,
-        metrics=["perplexity"] if context["evaluation"] else None,
+        metrics=["perplexity"] if context["evaluation"] or (quantization and quantization["evaluation"]) else None,
         **context["license_fields"],
     )
 

@@ -214,7 +214,12 @@ def _local_checkpoint(path_or_repo: str, revision: str | None, token: str | None
         validate_repo_id(path_or_repo)
     except HFValidationError as exc:
         raise QuantizationError(f"no such directory: {path_or_repo} (nor is it a Hub repo id)") from exc
-    return snapshot_download(path_or_repo, revision=revision, token=token)
+    try:
+        return snapshot_download(path_or_repo, revision=revision, token=token)
+    except Exception as exc:  # noqa: BLE001 - not found, offline, no access: one message naming both readings
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise QuantizationError(f"no such directory: {path_or_repo}, and it could not be downloaded as a Hub "
+                                f"repo ({type(exc).__name__}: {first})") from exc
 
 
 # ----------------------------------------------------------------------------------- backends

@@ -47,11 +47,14 @@ def test_benchmark_measures_every_model_in_one_run(tmp_path):
         assert row["eval_windows"] == 3 and row["ppl"] > 1
         assert row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0
     # Each compression that ran a calibration forward is timed against its own reference forward.
+    references = set()
     for key in [("a3", 0.25), ("a3-default", 0.25), ("svd-llm", 0.25)]:
         row = rows[key]
         assert row["calib_forward_s"] > 0
         assert row["compress_over_calib_forward"] == pytest.approx(row["compress_s"] / row["calib_forward_s"])
         assert 0 < row["calib_forward_share"] <= 1
+        references.add(row["calib_forward_s"])
+    assert len(references) == 3  # measured anew before each of them, not once for the run
     # Same budget; A3 shrinks the KV cache, the two-factor baselines do not.
     assert rows["a3", 0.25]["decoder_linear_params"] < 0.8 * dense["decoder_linear_params"]
     assert rows["svd", 0.25]["decoder_linear_params"] < 0.8 * dense["decoder_linear_params"]
@@ -64,3 +67,18 @@ def test_benchmark_measures_every_model_in_one_run(tmp_path):
     (out / "results.md").unlink()
     run_script("--report-only", "--out", out, cwd=tmp_path)
     assert (out / "results.md").read_text() == table
+
+    # A run cut off during the evaluation phase: --report-only tabulates what it has, into the --out given.
+    saved = json.loads((out / "results.json").read_text())
+    for row in saved["rows"]:
+        for key in ("ppl", "eval_windows", "decoder_linear_params", "total_params", "checkpoint_bytes",
+                    "kv_bytes_per_token"):
+            row.pop(key)
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "results.json").write_text(json.dumps(saved))
+    run_script("--report-only", "--out", cut, cwd=tmp_path)
+    partial = (cut / "results.md").read_text()
+    assert "on no windows" in partial and len([line for line in partial.splitlines() if line.startswith("| a3 |")]) == 1
+    assert not (cut / "ppl_vs_ratio.png").exists()
+    assert (out / "results.md").read_text() == table  # the original run's report is untouched

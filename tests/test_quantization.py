@@ -71,6 +71,7 @@ def assert_card_describes_the_quantization(directory, backend, dtype, kv_bytes):
     meta = yaml.safe_load(card.split("---\n")[1])
     library = {"hqq": "hqq", "quanto": "optimum-quanto"}[backend]
     assert meta["library_name"] == "optimum-a3" and {library, "4-bit"} <= set(meta["tags"])
+    assert "custom_code" not in meta["tags"]  # it does not load through transformers' remote code
     usage = card.split("## Usage")[1].split("## Compression")[0]
     assert 'load_quantized("path/to/this/checkpoint")' in usage and "AutoModelForCausalLM" not in usage
     section = card.split("## Quantization")[1].split("\n## ")[0]
@@ -141,6 +142,32 @@ def test_already_quantized_and_unquantized_models_are_refused(tmp_path, a3_model
         load_quantized(tmp_path / "empty")
     with pytest.raises(QuantizationError, match="no such directory"):
         load_quantized(tmp_path / "missing")
+
+
+def test_a_mistyped_relative_path_names_both_readings(monkeypatch, tmp_path):
+    # "out/q4" is also a valid repo id: offline, the download fails, and the error says both things.
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(QuantizationError, match=r"no such directory: out/q4, and it could not be downloaded"):
+        load_quantized("out/q4")
+
+
+def test_card_of_a_sparse_quantization_record_states_only_what_is_recorded(a3_model):
+    from optimum_a3.model_card import render_model_card
+
+    config = a3_model.config.to_dict()
+    config["a3_quantization"] = {"backend": "hqq", "evaluation": {"source": "wikitext2", "seqlen": 32, "ppl": 12.5}}
+    card = render_model_card(config)
+    assert "None" not in card and "low-bit" in card
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["metrics"] == ["perplexity"] and "hqq" in meta["tags"]
+    assert "| Left unquantized | embeddings and norms |" in card
+    evaluation = card.split("## Evaluation")[1].split("\n## ")[0]
+    assert "under [Quantization](#quantization)" in evaluation and "No evaluation was recorded" not in evaluation
+    assert "**12.500**" in card.split("## Quantization")[1]
 
 
 @pytest.mark.parametrize("backend", ["hqq", "quanto"])
