@@ -104,8 +104,9 @@ class LlamaFamilyAdapter:
     def mlp_module(self, layer: nn.Module) -> nn.Module:
         return layer.mlp
 
-    def mlp_residual_block(self, layer: nn.Module, hidden):
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    def mlp_residual_from_intermediate(self, layer: nn.Module, hidden, intermediate):
+        """``h + mlp(norm(h))`` given the MLP's intermediate for ``h`` (down_proj's input)."""
+        return hidden + self.mlp_down_module(layer)(intermediate)
 
     # Where each component lives inside a decoder layer, in the original and the compressed model alike.
     linear_paths = {

@@ -18,7 +18,7 @@ from .budget import LayerDims, decoder_linear_params, kv_cache_bytes_per_token, 
 from .calibration import calibration_windows
 from .config import _DIM_FIELDS, A3Config, A3ConfigError
 from .data import describe_source
-from .layer_solver import solve_attention, solve_layer, solve_mlp
+from .layer_solver import mlp_kept_channels, solve_attention, solve_layer, solve_mlp
 from .model_card import write_model_card
 from .models.a3_llama import A3LlamaConfig, A3LlamaForCausalLM
 from .saving import check_output_dir, write_atomically
@@ -222,9 +222,13 @@ class A3Compressor(OptimumQuantizer):
                     continue
                 if cache_writer is not None:
                     cache_writer.add(idx, stats)
+                kept_mlp_channels = None
                 if idx in attention_entries:
                     new_entries = attention_entries.pop(idx)
-                    new_entries.update(solve_mlp(adapter, originals[idx], stats.to(solver_device), dims[idx], cfg))
+                    stats_here = stats.to(solver_device)
+                    kept_mlp_channels = mlp_kept_channels(adapter, originals[idx], stats_here, dims[idx])
+                    new_entries.update(solve_mlp(adapter, originals[idx], stats_here, dims[idx], cfg,
+                                                 kept=kept_mlp_channels))
                 else:
                     new_entries = solve_layer(adapter, originals[idx], stats.to(solver_device), geometry, dims[idx], cfg)
                 self._fill(targets[idx], self._layer_state(originals[idx], new_entries), strict=True)
@@ -234,7 +238,7 @@ class A3Compressor(OptimumQuantizer):
                 if lazy is not None:
                     lazy.release(idx)
                 if propagate is not None:
-                    propagate[idx] = targets[idx]
+                    propagate[idx] = (targets[idx], kept_mlp_channels)
                 if keep_statistics:
                     kept.append(stats)
                 solve_time += time.perf_counter() - t0

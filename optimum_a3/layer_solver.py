@@ -101,13 +101,21 @@ def solve_attention(adapter, layer: nn.Module, stats: LayerStatistics, geometry:
     return e.out
 
 
+def mlp_kept_channels(adapter, layer: nn.Module, stats: LayerStatistics, dims: LayerDims) -> torch.Tensor:
+    """The MLP channels the compressed layer keeps (§5), in ascending order; needs the MLP statistics only."""
+    w_down = _Entries(adapter, layer).weight("down")
+    return solvers.select_mlp_channels(w_down, stats.down_input_sq_mean, dims.intermediate_size)
+
+
 def solve_mlp(adapter, layer: nn.Module, stats: LayerStatistics, dims: LayerDims,
-              config: A3Config) -> dict[str, torch.Tensor]:
+              config: A3Config, kept: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The gate/up/down entries of the compressed layer: column selection (§5), optional least-squares
-    refit of down_proj (§6). Needs the MLP statistics only."""
+    refit of down_proj (§6). Needs the MLP statistics only; ``kept`` (from :func:`mlp_kept_channels`)
+    when the caller needs the selection too."""
     e = _Entries(adapter, layer)
     w_down = e.weight("down")
-    kept = solvers.select_mlp_channels(w_down, stats.down_input_sq_mean, dims.intermediate_size)
+    if kept is None:
+        kept = solvers.select_mlp_channels(w_down, stats.down_input_sq_mean, dims.intermediate_size)
     for name in ("gate", "up"):
         b = e.bias(name)
         e.put(name, e.weight(name)[:, kept], None if b is None else b[kept])

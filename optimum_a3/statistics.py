@@ -8,7 +8,9 @@ Sequential calibration (method page §6) takes the statistics from the model bei
 the attention statistics of layer ``l`` from the output of the compressed layers ``< l``, and its MLP
 statistics from the output of layer ``l``'s compressed attention. It runs no more than one layer forward
 per layer: the original attention only as far as its statistics need (GQA: not at all), the compressed
-attention, the original gate/up projections, and the compressed MLP.
+attention, the original gate/up projections, and the compressed down_proj on the kept channels of their
+output (the compressed gate/up are those channels' rows). That output is held for one layer: tokens x
+intermediate_size values in the model's dtype.
 """
 
 from __future__ import annotations
@@ -157,8 +159,8 @@ def stream_layer_statistics(model: nn.Module, adapter, input_ids: torch.Tensor, 
     statistics (``stats.complete`` False), taken on the outputs of the compressed layers ``< l``; the
     consumer then puts into ``propagate[l]`` the compressed layer with its attention solved (its MLP may
     be unset). Then the complete statistics, whose MLP part is taken on that compressed attention's
-    output; the consumer puts the finished compressed layer into ``propagate[l]``, and its outputs feed
-    layer ``l + 1``.
+    output; the consumer puts ``(finished compressed layer, its kept MLP channels)`` into
+    ``propagate[l]``, and that layer's outputs feed layer ``l + 1``.
     """
     geometry = adapter.geometry(model)
     layers = adapter.layers(model)
@@ -231,9 +233,13 @@ def _stream_sequential(adapter, idx, layer, inputs, acc, want_head_autocorr, pro
     mids = [(_input_of(adapter.post_attention_norm_module(compressed), compressed, hidden, kwargs), kwargs)
             for hidden, kwargs in inputs]
 
-    # 3. MLP statistics of the ORIGINAL gate/up on that stream (down_proj itself is not needed).
-    hooks = [adapter.mlp_down_module(layer).register_forward_pre_hook(acc.down_input),
-             adapter.mlp_down_module(layer).register_forward_pre_hook(_stop)]
+    # 3. MLP statistics of the ORIGINAL gate/up on that stream (down_proj itself is not needed). Their
+    #    output, down_proj's input, is kept: the compressed gate/up are its kept channels (step 4).
+    intermediates = []
+    down = adapter.mlp_down_module(layer)
+    hooks = [down.register_forward_pre_hook(acc.down_input),
+             down.register_forward_pre_hook(lambda _, args: intermediates.append(args[0])),
+             down.register_forward_pre_hook(_stop)]
     try:
         for mid, _ in mids:
             _run_until_stopped(adapter.mlp_module(layer), adapter.post_attention_norm_module(layer)(mid))
@@ -241,12 +247,12 @@ def _stream_sequential(adapter, idx, layer, inputs, acc, want_head_autocorr, pro
         for h in hooks:
             h.remove()
     yield ready(acc.with_mlp_result(stats))
-    compressed = propagate.pop(idx)
+    compressed, kept_channels = propagate.pop(idx)
 
-    # 4. The compressed MLP completes the compressed layer's output.
-    for k, (mid, kwargs) in enumerate(mids):
-        mids[k] = (adapter.mlp_residual_block(compressed, mid), kwargs)
-    return mids
+    # 4. The compressed MLP completes the compressed layer's output. Its gate/up are the original rows
+    #    of the kept channels, so their output is already in hand: only its down_proj runs.
+    return [(adapter.mlp_residual_from_intermediate(compressed, mid, intermediate[..., kept_channels]), kwargs)
+            for (mid, kwargs), intermediate in zip(mids, intermediates)]
 
 
 class _StopForward(Exception):
