@@ -567,7 +567,9 @@ def client_env(hub: FakeHub, hf_home: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(dropped_prefixes) and k != "PYTHONPATH"
            and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
+    # Generous client timeouts (defaults: 10 s): a busy 2-core CI machine can be slow to answer.
     env.update(HF_ENDPOINT=hub.url, HF_HOME=hf_home, HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1",
+               HF_HUB_ETAG_TIMEOUT="120", HF_HUB_DOWNLOAD_TIMEOUT="120",
                NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", **extra)
     return env
 
