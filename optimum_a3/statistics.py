@@ -251,6 +251,7 @@ def _stream_sequential(adapter, idx, layer, inputs, acc, want_head_autocorr, pro
 
     # 4. The compressed MLP completes the compressed layer's output. Its gate/up are the original rows
     #    of the kept channels, so their output is already in hand: only its down_proj runs.
+    kept_channels = kept_channels.to(intermediates[0].device)  # the solver may run on another device
     return [(adapter.mlp_residual_from_intermediate(compressed, mid, intermediate[..., kept_channels]), kwargs)
             for (mid, kwargs), intermediate in zip(mids, intermediates)]
 
