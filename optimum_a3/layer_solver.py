@@ -115,7 +115,7 @@ def solve_mlp(adapter, layer: nn.Module, stats: LayerStatistics, dims: LayerDims
     e = _Entries(adapter, layer)
     w_down = e.weight("down")
     if kept is None:
-        kept = solvers.select_mlp_channels(w_down, stats.down_input_sq_mean, dims.intermediate_size)
+        kept = mlp_kept_channels(adapter, layer, stats, dims)
     for name in ("gate", "up"):
         b = e.bias(name)
         e.put(name, e.weight(name)[:, kept], None if b is None else b[kept])
