@@ -125,15 +125,14 @@ def decode_s(model, prompt: torch.Tensor, new_tokens: int) -> float:
 
 def build_models(args, model, calib, save) -> list[Built]:
     """Phase 1: the dense model and every compressed one, with their compression cost."""
-    built = [Built(model, {"method": "dense", "ratio": 0.0, "compress_s": None, "calib_forward_s": None,
-                           "compress_over_calib_forward": None, "calib_forward_share": None,
-                           "compress_peak_extra_mb": None})]
+    cost_fields = ("compress_s", "calib_forward_s", "compress_over_calib_forward", "calib_forward_share",
+                   "compress_peak_extra_mb")
+    built = [Built(model, {"method": "dense", "ratio": 0.0, **dict.fromkeys(cost_fields)})]
     reference_s = None
 
     def add(method, ratio, small, compress_s=None, peak_mb=None, forward_share=None):
-        row = {"method": method, "ratio": ratio, "compress_s": compress_s, "calib_forward_s": None,
-               "compress_over_calib_forward": None, "calib_forward_share": forward_share,
-               "compress_peak_extra_mb": peak_mb}
+        row = {"method": method, "ratio": ratio, **dict.fromkeys(cost_fields), "compress_s": compress_s,
+               "calib_forward_share": forward_share, "compress_peak_extra_mb": peak_mb}
         if compress_s is not None:
             row["calib_forward_s"] = reference_s
             row["compress_over_calib_forward"] = compress_s / reference_s
