@@ -226,6 +226,10 @@ class _Handler(BaseHTTPRequestHandler):
             raise HubError(400, f"invalid JSON body: {exc}") from exc
 
     def send(self, status: int, body: bytes = b"", headers: dict | None = None, content_type="application/json"):
+        # Log before answering: once the client has the response it may send its next request to the other
+        # server, whose thread must not be able to log that request ahead of this one.
+        with self.hub._lock:
+            self.hub.log.append((self.command, self.path, status))
         self.send_response(status)
         headers = dict(headers or {})
         headers.setdefault("Content-Type", content_type)
@@ -235,7 +239,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-        self.hub.log.append((self.command, self.path, status))
 
     def send_json(self, status: int, obj, headers: dict | None = None):
         self.send(status, json.dumps(obj).encode(), headers)
