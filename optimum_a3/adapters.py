@@ -104,6 +104,10 @@ class LlamaFamilyAdapter:
     def mlp_module(self, layer: nn.Module) -> nn.Module:
         return layer.mlp
 
+    def mlp_residual(self, layer: nn.Module, hidden):
+        """``h + mlp(norm(h))``, running the whole MLP."""
+        return hidden + self.mlp_module(layer)(self.post_attention_norm_module(layer)(hidden))
+
     def mlp_residual_from_intermediate(self, layer: nn.Module, hidden, intermediate):
         """``h + mlp(norm(h))`` given the MLP's intermediate for ``h`` (down_proj's input)."""
         return hidden + self.mlp_down_module(layer)(intermediate)

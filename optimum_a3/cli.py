@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
                       help="calibrate each layer on the output of the already compressed model (beyond the paper; on by "
                            "default)")
+    size.add_argument("--hold-mlp-intermediate", action=argparse.BooleanOptionalAction, default=True,
+                      help="sequential calibration holds each layer's gate/up output (tokens x intermediate_size) "
+                           "so the compressed MLP runs only down_proj; --no-hold-mlp-intermediate saves that memory "
+                           "for more time (same model)")
     calib = c.add_argument_group("calibration data")
     calib.add_argument("--dataset", default="wikipedia-offline",
                        help="calibration text: wikipedia-offline (default), a .txt/.jsonl/.json/.parquet file, "
@@ -238,7 +242,7 @@ def run_compress(args) -> dict:
         intermediate_size=args.intermediate_size, components=tuple(s.strip() for s in args.components.split(",")),
         dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size,
         seed=args.seed, method=args.method, allocation=args.allocation, mlp_refit=args.mlp_refit,
-        sequential=args.sequential, device=args.device,
+        sequential=args.sequential, hold_mlp_intermediate=args.hold_mlp_intermediate, device=args.device,
     )
     check_output_dir(args.output, args.overwrite)  # before any expensive work
     _check_model_spec(args.model)

@@ -186,7 +186,7 @@ class A3Compressor(OptimumQuantizer):
             layer_stats = stream_layer_statistics(
                 model, adapter, calibration_ids, batch_size=cfg.batch_size, want_head_autocorr=want_head,
                 want_down_autocorr=cfg.mlp_refit, device=cfg.device, progress=progress, propagate=propagate,
-                layer_loader=lazy,
+                layer_loader=lazy, hold_mlp_intermediate=cfg.hold_mlp_intermediate,
             )
             if cache is not None:
                 cache_writer = cache.writer(geometry.num_layers, calibration)

@@ -10,13 +10,15 @@ statistics from the output of layer ``l``'s compressed attention. It runs no mor
 per layer: the original attention only as far as its statistics need (GQA: not at all), the compressed
 attention, the original gate/up projections, and the compressed down_proj on the kept channels of their
 output (the compressed gate/up are those channels' rows). That output is held for one layer: tokens x
-intermediate_size values in the model's dtype.
+intermediate_size values in the model's dtype. With ``hold_mlp_intermediate=False`` nothing is held and
+the whole compressed MLP runs instead (the same values, more time, less memory).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -149,7 +151,8 @@ def capture_first_layer_inputs(model: nn.Module, layers: nn.ModuleList, input_id
 def stream_layer_statistics(model: nn.Module, adapter, input_ids: torch.Tensor, batch_size: int = 1,
                             want_head_autocorr: bool = False, want_down_autocorr: bool = False,
                             device=None, progress: bool = True, propagate: dict | None = None,
-                            layer_loader=None) -> Iterator[tuple[int, LayerStatistics]]:
+                            layer_loader=None, hold_mlp_intermediate: bool = True
+                            ) -> Iterator[tuple[int, LayerStatistics]]:
     """Yield ``(layer_idx, LayerStatistics)`` for every decoder layer, in order.
 
     By default statistics come from the ORIGINAL model: layer ``l`` sees the original outputs of layers
@@ -160,14 +163,18 @@ def stream_layer_statistics(model: nn.Module, adapter, input_ids: torch.Tensor, 
     consumer then puts into ``propagate[l]`` the compressed layer with its attention solved (its MLP may
     be unset). Then the complete statistics, whose MLP part is taken on that compressed attention's
     output; the consumer puts ``(finished compressed layer, its kept MLP channels)`` into
-    ``propagate[l]``, and that layer's outputs feed layer ``l + 1``.
+    ``propagate[l]``, and that layer's outputs feed layer ``l + 1``. ``hold_mlp_intermediate`` (module
+    docstring) trades that MLP's time for memory.
     """
     geometry = adapter.geometry(model)
     layers = adapter.layers(model)
     device = torch.device(device) if device is not None else model.get_input_embeddings().weight.device
     was_training = model.training
     model.eval()  # no dropout in the statistics
-    stream = _stream_original if propagate is None else _stream_sequential
+    if propagate is None:
+        stream = _stream_original
+    else:
+        stream = functools.partial(_stream_sequential, hold_mlp_intermediate=hold_mlp_intermediate)
     try:
         with torch.inference_mode():
             inputs = capture_first_layer_inputs(model, layers, input_ids, batch_size, device)
@@ -209,7 +216,8 @@ def _stream_original(adapter, idx, layer, inputs, acc, want_head_autocorr, propa
     return outputs
 
 
-def _stream_sequential(adapter, idx, layer, inputs, acc, want_head_autocorr, propagate, ready):
+def _stream_sequential(adapter, idx, layer, inputs, acc, want_head_autocorr, propagate, ready,
+                       hold_mlp_intermediate=True):
     """Attention statistics, compressed attention, MLP statistics, compressed MLP (module docstring);
     returns the compressed layer's outputs."""
     # 1. Attention statistics from the original layer, run only as far as they need: R_x is the input of
@@ -234,12 +242,13 @@ def _stream_sequential(adapter, idx, layer, inputs, acc, want_head_autocorr, pro
             for hidden, kwargs in inputs]
 
     # 3. MLP statistics of the ORIGINAL gate/up on that stream (down_proj itself is not needed). Their
-    #    output, down_proj's input, is kept: the compressed gate/up are its kept channels (step 4).
+    #    output, down_proj's input, is held: the compressed gate/up are its kept channels (step 4).
     intermediates = []
     down = adapter.mlp_down_module(layer)
-    hooks = [down.register_forward_pre_hook(acc.down_input),
-             down.register_forward_pre_hook(lambda _, args: intermediates.append(args[0])),
-             down.register_forward_pre_hook(_stop)]
+    hooks = [down.register_forward_pre_hook(acc.down_input)]
+    if hold_mlp_intermediate:
+        hooks.append(down.register_forward_pre_hook(lambda _, args: intermediates.append(args[0])))
+    hooks.append(down.register_forward_pre_hook(_stop))
     try:
         for mid, _ in mids:
             _run_until_stopped(adapter.mlp_module(layer), adapter.post_attention_norm_module(layer)(mid))
@@ -250,7 +259,9 @@ def _stream_sequential(adapter, idx, layer, inputs, acc, want_head_autocorr, pro
     compressed, kept_channels = propagate.pop(idx)
 
     # 4. The compressed MLP completes the compressed layer's output. Its gate/up are the original rows
-    #    of the kept channels, so their output is already in hand: only its down_proj runs.
+    #    of the kept channels, so their output is already in hand if it was held: only down_proj runs.
+    if not hold_mlp_intermediate:
+        return [(adapter.mlp_residual(compressed, mid), kwargs) for mid, kwargs in mids]
     kept_channels = kept_channels.to(intermediates[0].device)  # the solver may run on another device
     return [(adapter.mlp_residual_from_intermediate(compressed, mid, intermediate[..., kept_channels]), kwargs)
             for (mid, kwargs), intermediate in zip(mids, intermediates)]

@@ -104,14 +104,15 @@ def _statistics_seen_by(compressed, original, idx, ids):
             "down_input_sq_mean": d.pow(2).mean(0), "down_input_autocorr": d.T @ d / t}
 
 
+@pytest.mark.parametrize("hold", [True, False], ids=["held-intermediate", "recomputed-mlp"])
 @pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
-def test_sequential_statistics_are_those_of_the_compressed_model(kv_heads):
+def test_sequential_statistics_are_those_of_the_compressed_model(kv_heads, hold):
     """Sequential calibration: layer l's attention statistics are taken on the compressed layers < l, and
     its MLP statistics on the output of its own compressed attention (checked against a hand computation
-    on the finished model)."""
+    on the finished model), whether the MLP intermediate is held or the compressed MLP is re-run."""
     model = tiny_llama(layers=3, num_kv_heads=kv_heads)
     ids = random_token_windows(8, 32, seed=8)  # 256 tokens: enough for the refit (2 per channel)
-    compressor = A3Compressor(A3Config(ratio=0.3, mlp_refit=True, batch_size=4))
+    compressor = A3Compressor(A3Config(ratio=0.3, mlp_refit=True, batch_size=4, hold_mlp_intermediate=hold))
     compressed = compressor.compress(model, calibration_ids=ids, progress=False, keep_statistics=True)
     assert compressor.last_effective_config.sequential and compressor.last_effective_config.mlp_refit
     for idx in range(3):
@@ -128,3 +129,28 @@ def test_sequential_statistics_are_those_of_the_compressed_model(kv_heads):
     first_seq, first_par = compressor.last_statistics[0], paper.last_statistics[0]
     torch.testing.assert_close(first_seq.attn_input_autocorr, first_par.attn_input_autocorr)
     assert not torch.allclose(first_seq.down_input_sq_mean, first_par.down_input_sq_mean)
+
+
+
+def test_holding_the_mlp_intermediate_or_not_gives_the_same_model(monkeypatch):
+    """The compressed gate/up are the kept rows of the original ones, so slicing the original output (held)
+    and re-running the compressed MLP (not held) propagate the same values to the next layer. Each mode
+    is made to fail if it takes the other's path."""
+    from optimum_a3.adapters import LlamaFamilyAdapter
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the other mode's path was taken")
+
+    model = tiny_llama(layers=3)
+    models = {}
+    for hold, other_path in ((True, "mlp_residual"), (False, "mlp_residual_from_intermediate")):
+        with monkeypatch.context() as patch:
+            patch.setattr(LlamaFamilyAdapter, other_path, forbidden)
+            models[hold] = A3Compressor(A3Config(ratio=0.3, hold_mlp_intermediate=hold)).compress(
+                model, calibration_ids=CALIB, progress=False).state_dict()
+    assert models[True].keys() == models[False].keys()
+    for name in models[True]:
+        torch.testing.assert_close(models[True][name], models[False][name], rtol=1e-5, atol=1e-6, msg=name)
+    paper = A3Compressor(A3Config(ratio=0.3, sequential=False)).compress(model, calibration_ids=CALIB, progress=False)
+    last_down = "model.layers.2.mlp.down_proj.weight"  # and both are sequential: they differ from the paper's
+    assert not torch.equal(models[False][last_down], paper.state_dict()[last_down])

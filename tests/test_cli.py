@@ -130,6 +130,17 @@ def test_low_memory_compress_with_stats_cache(base_dir, tmp_path, capsys):
     assert json.loads((tmp_path / "0.5" / "config.json").read_text())["head_dim_vo"] == 8
 
 
+def test_low_memory_sequential_compress_without_holding_the_mlp_intermediate(base_dir, tmp_path, capsys):
+    out = tmp_path / "lean"
+    code, stdout, err = run(capsys, ["compress", str(base_dir / "base"), "--ratio", "0.25", "-o", str(out),
+                                     "--dataset", str(base_dir / "text.txt"), "--nsamples", "4", "--seqlen", "32",
+                                     "--low-memory", "--no-hold-mlp-intermediate"])
+    assert code == 0, err
+    assert json.loads(stdout)["low_memory"] is True
+    record = json.loads((out / "config.json").read_text())["a3_compression"]
+    assert record["sequential"] is True and record["a3_config"]["hold_mlp_intermediate"] is False
+
+
 def test_quantize_saves_a_reloadable_4bit_checkpoint(compressed_dir, base_dir, tmp_path, capsys):
     from optimum_a3.quantization import load_quantized, quantized_backend
 

@@ -137,6 +137,7 @@ def test_unsupported_architecture_names_supported_ones():
     ({"ratio": 0.2, "head_dim_qk": 0}, ">= 1"),
     ({"ratio": 0.2, "components": ["qk", "attn"]}, "components"),
     ({"ratio": 0.2, "nsamples": 0}, "nsamples"),
+    ({"ratio": 0.2, "hold_mlp_intermediate": "no"}, "hold_mlp_intermediate must be True or False"),
 ])
 def test_invalid_config_is_refused(kwargs, match):
     with pytest.raises(A3ConfigError, match=match):
