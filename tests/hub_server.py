@@ -100,7 +100,7 @@ class HubError(Exception):
 class FakeHub:
     """Start with ``with FakeHub() as hub:``; point clients at ``hub.url`` (``HF_ENDPOINT``) with ``hub.token``."""
 
-    def __init__(self, token: str = "hf_fake_write_token", user: str = "a3-tester", lifetime: float = 300.0,
+    def __init__(self, token: str = "hf_fake_write_token", user: str = "a3-tester", lifetime: float = 1800.0,
                  max_body: int = 64 * 1024 * 1024):
         self.token, self.user, self.lifetime, self.max_body = token, user, lifetime, max_body
         self.repos: dict[str, Repo] = {}
@@ -593,3 +593,8 @@ def patch_client(monkeypatch, hub: FakeHub, hf_home: str) -> None:
     monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", os.path.join(hf_home, "stored_tokens"), raising=False)
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
         monkeypatch.delenv(name, raising=False)
+    for name in ("http_proxy", "https_proxy", "all_proxy"):  # as in client_env: 127.0.0.1 is never proxied
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")

@@ -71,7 +71,7 @@ def test_eval_reports_perplexity(compressed_dir, base_dir, capsys):
 
 
 def test_push_uploads_the_checkpoint_with_a_card(compressed_dir, tmp_path, monkeypatch, capsys):
-    with FakeHub(lifetime=120) as hub:
+    with FakeHub(lifetime=600) as hub:
         patch_client(monkeypatch, hub, str(tmp_path))
         monkeypatch.setenv("HF_TOKEN", hub.token)  # the token from the environment, as users do
         local_card = (compressed_dir / "README.md").read_text()  # save() writes the card
@@ -96,7 +96,7 @@ def test_push_uploads_the_checkpoint_with_a_card(compressed_dir, tmp_path, monke
 
 
 def test_compress_push_to_hub_checks_the_token_before_compressing(base_dir, tmp_path, monkeypatch, capsys):
-    with FakeHub(lifetime=120) as hub:
+    with FakeHub(lifetime=600) as hub:
         patch_client(monkeypatch, hub, str(tmp_path))
         out = tmp_path / "never"
         code, _, err = run(capsys, ["compress", str(base_dir / "base"), "--ratio", "0.25", "-o", str(out),

@@ -30,7 +30,7 @@ REPO = "a3-tester/tiny-a3"
 
 @pytest.fixture(scope="module")
 def hub():
-    with FakeHub(lifetime=300) as server:
+    with FakeHub(lifetime=1800) as server:
         yield server
 
 

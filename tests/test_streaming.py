@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -123,10 +124,13 @@ KILL_SCRIPT = textwrap.dedent("""
     from optimum_a3 import A3Compressor, A3Config
 
     solve = compressor.solve_layer
+    calls = []
 
-    def slow_solve(*args, **kwargs):  # make "mid-way" a window the test can hit
+    def slow_solve(*args, **kwargs):
         print("solving", flush=True)
-        time.sleep(0.5)
+        # Two layers pass; the third stalls, so however late the test's signal comes, it lands mid-way.
+        calls.append(None)
+        time.sleep(0.5 if len(calls) <= 2 else 600)
         return solve(*args, **kwargs)
 
     compressor.solve_layer = slow_solve
@@ -147,13 +151,18 @@ def test_killed_compression_leaves_the_output_dir_untouched(tmp_path, sig):
     script = tmp_path / "run.py"
     script.write_text(KILL_SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1])] + sys.path)}
-    proc = subprocess.Popen([sys.executable, str(script), str(src), str(out), str(cache)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    stderr = tmp_path / "stderr.txt"
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen([sys.executable, str(script), str(src), str(out), str(cache)],
+                                stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+    watchdog = threading.Timer(300, proc.kill)  # a stuck child fails the test (EOF below) instead of hanging it
+    watchdog.start()
     seen = 0
     while seen < 2:  # two layers solved (and written to the partial checkpoint), more to go
         line = proc.stdout.readline()
-        assert line, proc.stderr.read()[-2000:]
+        assert line, stderr.read_text()[-2000:]
         seen += line.startswith("solving")
+    watchdog.cancel()
     # Half-written work exists, out of sight: shards in the partial checkpoint, layers in the partial cache.
     partial = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
     assert len(partial) == 1 and list(partial[0].glob(".shard-*"))
