@@ -148,6 +148,10 @@ def build_models(args, model, calib, save) -> list[Built]:
         reference_s = calibration_forward_s(model, calib)
         print(f"calibration forward alone: {reference_s:.1f} s ({len(calib)} x {calib.shape[1]} tokens)", flush=True)
 
+    # Warm-up: the first forward of a process pays for allocator growth and kernel selection, which would
+    # otherwise make the first reference forward (and so the first compression ratio) look different.
+    warm_s = calibration_forward_s(model, calib[:1])
+    print(f"warm-up forward: {warm_s:.1f} s (1 x {calib.shape[1]} tokens)", flush=True)
     grams, refit_stats = None, None
     for ratio in args.ratios:
         paper_stats = None

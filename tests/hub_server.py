@@ -123,8 +123,7 @@ class FakeHub:
         return self
 
     def _serve(self, handler) -> ThreadingHTTPServer:
-        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        server.daemon_threads = True
+        server = _Server(("127.0.0.1", 0), handler)
         server.hub = self
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
         self._servers.append(server)
@@ -182,6 +181,11 @@ def _lfs_patterns(commit: Commit | None) -> list[str]:
     entry = commit.files.get(".gitattributes") if commit else None
     text = entry.content.decode() if entry is not None and entry.content is not None else DEFAULT_GITATTRIBUTES
     return [line.split()[0] for line in text.splitlines() if "filter=lfs" in line]
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 64  # snapshot_download opens up to 8 connections at once; the default backlog is 5
 
 
 class _Handler(BaseHTTPRequestHandler):
