@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="calibrate each layer on the output of the already compressed model (beyond the paper; on by "
                            "default)")
     size.add_argument("--hold-mlp-intermediate", action=argparse.BooleanOptionalAction, default=True,
-                      help="sequential calibration holds each layer's gate/up output (tokens x intermediate_size) "
+                      help="sequential calibration only: hold each layer's gate/up output (tokens x intermediate_size) "
                            "so the compressed MLP runs only down_proj; --no-hold-mlp-intermediate saves that memory "
                            "for more time (same model)")
     calib = c.add_argument_group("calibration data")

@@ -6,12 +6,13 @@ statistics in float64, and its outputs become the next layer's inputs.
 
 Sequential calibration (method page §6) takes the statistics from the model being compressed instead:
 the attention statistics of layer ``l`` from the output of the compressed layers ``< l``, and its MLP
-statistics from the output of layer ``l``'s compressed attention. It runs no more than one layer forward
-per layer: the original attention only as far as its statistics need (GQA: not at all), the compressed
-attention, the original gate/up projections, and the compressed down_proj on the kept channels of their
-output (the compressed gate/up are those channels' rows). That output is held for one layer: tokens x
-intermediate_size values in the model's dtype. With ``hold_mlp_intermediate=False`` nothing is held and
-the whole compressed MLP runs instead (the same values, more time, less memory).
+statistics from the output of layer ``l``'s compressed attention. By default it runs no more than one
+layer forward per layer: the original attention only as far as its statistics need (GQA: not at all), the
+compressed attention, the original gate/up projections, and the compressed down_proj on the kept channels
+of their output (the compressed gate/up are those channels' rows). That output is held for one layer:
+tokens x intermediate_size values in the model's dtype. With ``hold_mlp_intermediate=False`` nothing is
+held and the whole compressed MLP runs instead (the same values; its gate/up run a second time, at the
+kept width, for that memory).
 """
 
 from __future__ import annotations
@@ -242,7 +243,7 @@ def _stream_sequential(adapter, idx, layer, inputs, acc, want_head_autocorr, pro
             for hidden, kwargs in inputs]
 
     # 3. MLP statistics of the ORIGINAL gate/up on that stream (down_proj itself is not needed). Their
-    #    output, down_proj's input, is held: the compressed gate/up are its kept channels (step 4).
+    #    output, down_proj's input, is held if asked: the compressed gate/up are its kept channels (step 4).
     intermediates = []
     down = adapter.mlp_down_module(layer)
     hooks = [down.register_forward_pre_hook(acc.down_input)]

@@ -588,6 +588,7 @@ def patch_client(monkeypatch, hub: FakeHub, hf_home: str) -> None:
     """
     import os
 
+    import huggingface_hub
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "ENDPOINT", hub.url)
@@ -602,3 +603,6 @@ def patch_client(monkeypatch, hub: FakeHub, hf_home: str) -> None:
         monkeypatch.delenv(name.upper(), raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    # huggingface_hub reuses one HTTP client, which reads the proxy settings when it is created: drop any
+    # client an earlier test made, so the next one is built with the settings above.
+    huggingface_hub.close_session()

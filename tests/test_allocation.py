@@ -1,5 +1,7 @@
 """Mixed-rank allocation (method page §6): exact budget, uniform on identical layers, reload."""
 
+import gc
+import weakref
 
 import pytest
 import torch
@@ -131,23 +133,44 @@ def test_sequential_statistics_are_those_of_the_compressed_model(kv_heads, hold)
     assert not torch.allclose(first_seq.down_input_sq_mean, first_par.down_input_sq_mean)
 
 
-
 def test_holding_the_mlp_intermediate_or_not_gives_the_same_model(monkeypatch):
     """The compressed gate/up are the kept rows of the original ones, so slicing the original output (held)
     and re-running the compressed MLP (not held) propagate the same values to the next layer. Each mode
-    is made to fail if it takes the other's path."""
+    is made to fail if it takes the other's path; when its compressed MLP runs, the mode that holds
+    nothing must have let go of every original gate/up output, while the holding mode still has them."""
     from optimum_a3.adapters import LlamaFamilyAdapter
+
+    model = tiny_llama(layers=3)
+    outputs = []  # weak references to every down_proj input (gate/up output) of the original model
+    hooks = [layer.mlp.down_proj.register_forward_pre_hook(lambda m, args: outputs.append(weakref.ref(args[0])))
+             for layer in model.model.layers]
+    alive_when_mlp_runs = {True: [], False: []}
+
+    def watched(path, hold):
+        run = getattr(LlamaFamilyAdapter, path)
+
+        def wrapper(self, *args):
+            gc.collect()
+            alive_when_mlp_runs[hold].append(sum(ref() is not None for ref in outputs))
+            return run(self, *args)
+        return wrapper
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the other mode's path was taken")
 
-    model = tiny_llama(layers=3)
     models = {}
-    for hold, other_path in ((True, "mlp_residual"), (False, "mlp_residual_from_intermediate")):
+    for hold, path, other_path in ((True, "mlp_residual_from_intermediate", "mlp_residual"),
+                                   (False, "mlp_residual", "mlp_residual_from_intermediate")):
+        outputs.clear()
         with monkeypatch.context() as patch:
             patch.setattr(LlamaFamilyAdapter, other_path, forbidden)
+            patch.setattr(LlamaFamilyAdapter, path, watched(path, hold))
             models[hold] = A3Compressor(A3Config(ratio=0.3, hold_mlp_intermediate=hold)).compress(
                 model, calibration_ids=CALIB, progress=False).state_dict()
+    for h in hooks:
+        h.remove()
+    assert alive_when_mlp_runs[False] and not any(alive_when_mlp_runs[False])
+    assert alive_when_mlp_runs[True] and all(alive_when_mlp_runs[True])
     assert models[True].keys() == models[False].keys()
     for name in models[True]:
         torch.testing.assert_close(models[True][name], models[False][name], rtol=1e-5, atol=1e-6, msg=name)

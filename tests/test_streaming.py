@@ -33,8 +33,9 @@ def _files(directory) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(directory).iterdir()) if p.is_file()}
 
 
-@pytest.mark.parametrize("options", [{"method": "paper"}, {"method": "default"}, {"mlp_refit": True}],
-                         ids=["paper", "default", "default-refit"])
+@pytest.mark.parametrize("options", [{"method": "paper"}, {"method": "default"}, {"mlp_refit": True},
+                                     {"hold_mlp_intermediate": False}],
+                         ids=["paper", "default", "default-refit", "default-holding-no-intermediate"])
 def test_streamed_checkpoint_equals_in_memory_checkpoint(tmp_path, options):
     src = _source(tmp_path)
     config = A3Config(ratio=0.25, nsamples=8, seqlen=32, **options)
@@ -157,18 +158,24 @@ def test_killed_compression_leaves_the_output_dir_untouched(tmp_path, sig):
                                 stdout=subprocess.PIPE, stderr=err, text=True, env=env)
     watchdog = threading.Timer(300, proc.kill)  # a stuck child fails the test (EOF below) instead of hanging it
     watchdog.start()
-    seen = 0
-    while seen < 2:  # two layers solved (and written to the partial checkpoint), more to go
-        line = proc.stdout.readline()
-        assert line, stderr.read_text()[-2000:]
-        seen += line.startswith("solving")
-    watchdog.cancel()
-    # Half-written work exists, out of sight: shards in the partial checkpoint, layers in the partial cache.
-    partial = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
-    assert len(partial) == 1 and list(partial[0].glob(".shard-*"))
-    assert list(cache.glob(".a3-stats.partial-*/layer-*.safetensors"))
-    proc.send_signal(sig)
-    proc.wait(timeout=60)
+    try:
+        seen = 0
+        while seen < 2:  # two layers solved (and written to the partial checkpoint), more to go
+            line = proc.stdout.readline()
+            assert line, stderr.read_text()[-2000:]
+            seen += line.startswith("solving")
+        # Half-written work exists, out of sight: shards in the partial checkpoint, layers in the partial cache.
+        partial = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
+        assert len(partial) == 1 and list(partial[0].glob(".shard-*"))
+        assert list(cache.glob(".a3-stats.partial-*/layer-*.safetensors"))
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:  # a check above failed: leave no stalled child behind
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
     assert proc.returncode != 0
     assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
     assert (out / "precious.txt").read_text() == "an earlier checkpoint"
