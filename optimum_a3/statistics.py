@@ -261,11 +261,18 @@ def _stream_sequential(adapter, idx, layer, inputs, acc, want_head_autocorr, pro
 
     # 4. The compressed MLP completes the compressed layer's output. Its gate/up are the original rows
     #    of the kept channels, so their output is already in hand if it was held: only down_proj runs.
-    if not hold_mlp_intermediate:
-        return [(adapter.mlp_residual(compressed, mid), kwargs) for mid, kwargs in mids]
-    kept_channels = kept_channels.to(intermediates[0].device)  # the solver may run on another device
-    return [(adapter.mlp_residual_from_intermediate(compressed, mid, intermediate[..., kept_channels]), kwargs)
-            for (mid, kwargs), intermediate in zip(mids, intermediates)]
+    #    Each batch is replaced in place, so its stream (and held intermediate) is freed as its output is
+    #    made: the layer never holds the stream after attention and the outputs in full at once.
+    if hold_mlp_intermediate:
+        kept_channels = kept_channels.to(intermediates[0].device)  # the solver may run on another device
+    for k, (mid, kwargs) in enumerate(mids):
+        if hold_mlp_intermediate:
+            out = adapter.mlp_residual_from_intermediate(compressed, mid, intermediates[k][..., kept_channels])
+            intermediates[k] = None
+        else:
+            out = adapter.mlp_residual(compressed, mid)
+        mids[k] = (out, kwargs)
+    return mids
 
 
 class _StopForward(Exception):

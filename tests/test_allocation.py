@@ -137,7 +137,8 @@ def test_holding_the_mlp_intermediate_or_not_gives_the_same_model(monkeypatch):
     """The compressed gate/up are the kept rows of the original ones, so slicing the original output (held)
     and re-running the compressed MLP (not held) propagate the same values to the next layer. Each mode
     is made to fail if it takes the other's path; when its compressed MLP runs, the mode that holds
-    nothing must have let go of every original gate/up output, while the holding mode still has them."""
+    nothing must have let go of every original gate/up output, while the holding mode still has them.
+    In both, the stream after attention of the layer's earlier batches is freed once their output is made."""
     from optimum_a3.adapters import LlamaFamilyAdapter
 
     model = tiny_llama(layers=3)
@@ -145,14 +146,18 @@ def test_holding_the_mlp_intermediate_or_not_gives_the_same_model(monkeypatch):
     hooks = [layer.mlp.down_proj.register_forward_pre_hook(lambda m, args: outputs.append(weakref.ref(args[0])))
              for layer in model.model.layers]
     alive_when_mlp_runs = {True: [], False: []}
+    streams = []  # weak references to the streams after attention the compressed MLP has been given
+    earlier_streams_alive = []
 
     def watched(path, hold):
         run = getattr(LlamaFamilyAdapter, path)
 
-        def wrapper(self, *args):
+        def wrapper(self, layer, hidden, *args):
             gc.collect()
             alive_when_mlp_runs[hold].append(sum(ref() is not None for ref in outputs))
-            return run(self, *args)
+            earlier_streams_alive.append(sum(ref() is not None for ref in streams))
+            streams.append(weakref.ref(hidden))
+            return run(self, layer, hidden, *args)
         return wrapper
 
     def forbidden(*args, **kwargs):
@@ -171,6 +176,7 @@ def test_holding_the_mlp_intermediate_or_not_gives_the_same_model(monkeypatch):
         h.remove()
     assert alive_when_mlp_runs[False] and not any(alive_when_mlp_runs[False])
     assert alive_when_mlp_runs[True] and all(alive_when_mlp_runs[True])
+    assert len(earlier_streams_alive) == 2 * 3 * len(CALIB) and not any(earlier_streams_alive)  # batch_size 1
     assert models[True].keys() == models[False].keys()
     for name in models[True]:
         torch.testing.assert_close(models[True][name], models[False][name], rtol=1e-5, atol=1e-6, msg=name)
