@@ -566,18 +566,21 @@ class _StorageHandler(_Handler):
 
 
 # ------------------------------------------------------------------------------ client plumbing
+_PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy")  # dropped in either case
+_NO_PROXY = "127.0.0.1,localhost"
+
+
 def client_env(hub: FakeHub, hf_home: str, **extra: str) -> dict[str, str]:
     """Environment for a subprocess whose ``huggingface_hub`` talks to ``hub`` only (read at import time)."""
     import os
 
     dropped_prefixes = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_OFFLINE")
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(dropped_prefixes) and k != "PYTHONPATH"
-           and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
+           if not k.startswith(dropped_prefixes) and k != "PYTHONPATH" and k.lower() not in _PROXY_VARIABLES}
     # Generous client timeouts (defaults: 10 s): a busy 2-core CI machine can be slow to answer.
     env.update(HF_ENDPOINT=hub.url, HF_HOME=hf_home, HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1",
                HF_HUB_ETAG_TIMEOUT="120", HF_HUB_DOWNLOAD_TIMEOUT="120",
-               NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", **extra)
+               NO_PROXY=_NO_PROXY, no_proxy=_NO_PROXY, **extra)
     return env
 
 
@@ -598,11 +601,11 @@ def patch_client(monkeypatch, hub: FakeHub, hf_home: str) -> None:
     monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", os.path.join(hf_home, "stored_tokens"), raising=False)
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
         monkeypatch.delenv(name, raising=False)
-    for name in ("http_proxy", "https_proxy", "all_proxy"):  # as in client_env: 127.0.0.1 is never proxied
+    for name in _PROXY_VARIABLES:  # as in client_env: the fake Hub on 127.0.0.1 is never proxied
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(name.upper(), raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.setenv("NO_PROXY", _NO_PROXY)
+    monkeypatch.setenv("no_proxy", _NO_PROXY)
     # huggingface_hub reuses one HTTP client, which reads the proxy settings when it is created: drop any
     # client an earlier test made, so the next one is built with the settings above.
     huggingface_hub.close_session()
