@@ -74,6 +74,12 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
 
 
+def _add_trust_remote_code_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run Python code shipped with MODEL (a config.json `auto_map`); off by default, and A3 "
+                        "checkpoints do not need it: this library loads them itself")
+
+
 def _add_hub_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     p.add_argument("--token", default=None,
                    help="Hub write token (default: HF_TOKEN or the saved `hf auth login` token)")
@@ -97,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                      COMPRESS_EXAMPLES + HUB_NOTE)
     c.add_argument("model", help="hub id, local directory, .gguf file, or 'smollm2-offline' (the embedded default)")
     _add_output_options(c)
+    _add_trust_remote_code_option(c)
     c.add_argument("--device", default=None, help="device for calibration and solvers (default: the model's)")
     c.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
                    help="stream the model one decoder layer at a time from its safetensors shards and write the "
@@ -144,13 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = _add_command(sub, "eval", "perplexity of a model (the GPTQ / SVD-LLM / A3 protocol)",
                      "Perplexity of MODEL on non-overlapping windows of SOURCE (the GPTQ / SVD-LLM / A3 protocol). "
-                     "Compressed checkpoints load with trust_remote_code=True, quantized ones (`optimum-a3 "
-                     "quantize`) with optimum_a3.quantization.load_quantized.", EVAL_EXAMPLES)
+                     "A3 checkpoints load with this library's own model class, quantized ones (`optimum-a3 "
+                     "quantize`) with optimum_a3.quantization.load_quantized; code shipped with a model runs only "
+                     "with --trust-remote-code.", EVAL_EXAMPLES)
     e.add_argument("model", help="compressed checkpoint directory, hub id, .gguf file or 'smollm2-offline'")
     e.add_argument("--source", default="wikitext2",
                    help="wikitext2 (local ../shared file first, then datasets), wikitext2:PATH, a text file, "
                         "or wikipedia-offline:heldout")
     _add_eval_options(e)
+    _add_trust_remote_code_option(e)
 
     p = _add_command(sub, "push", "upload a saved compressed checkpoint to the Hub",
                      "Upload the checkpoint in DIRECTORY (written by `optimum-a3 compress`, `optimum-a3 quantize`, "
@@ -168,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "`optimum-a3 eval`); `optimum-a3 push` publishes it. Needs the 'quant' extra.", QUANTIZE_EXAMPLES)
     q.add_argument("model", help="checkpoint directory, hub id, .gguf file or 'smollm2-offline'")
     _add_output_options(q)
+    _add_trust_remote_code_option(q)
     q.add_argument("--backend", choices=["hqq", "quanto"], default="hqq", help="hqq (default, any group size) or quanto")
     q.add_argument("--bits", type=int, default=4, help="weight bits (hqq 1/2/3/4/8, quanto 2/4/8; default 4)")
     q.add_argument("--group-size", type=int, default=None, help="hqq group size (default 64); not for quanto")
@@ -182,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "extra (peft).", RECOVER_EXAMPLES)
     r.add_argument("model", help="A3 checkpoint directory or hub id")
     _add_output_options(r)
+    _add_trust_remote_code_option(r)
     r.add_argument("--dataset", default="wikipedia-offline:train",
                    help="training text (any calibration source; default the offline Wikipedia)")
     r.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
@@ -244,7 +255,7 @@ def run_compress(args) -> dict:
         seed=args.seed, method=args.method, allocation=args.allocation, mlp_refit=args.mlp_refit,
         sequential=args.sequential, hold_mlp_intermediate=args.hold_mlp_intermediate, device=args.device,
     )
-    check_output_dir(args.output, args.overwrite)  # before any expensive work
+    check_output_dir(args.output, args.overwrite, inputs=[args.model])  # before any expensive work
     _check_model_spec(args.model)
     if args.push_to_hub:
         from .hub import check_hub_access
@@ -256,7 +267,8 @@ def run_compress(args) -> dict:
         compressor = A3Compressor(config)
         start = time.perf_counter()
         compressor.compress_checkpoint(args.model, args.output, overwrite=args.overwrite,
-                                       stats_cache=args.stats_cache, max_shard_size=args.max_shard_size)
+                                       stats_cache=args.stats_cache, max_shard_size=args.max_shard_size,
+                                       trust_remote_code=args.trust_remote_code)
         summary.update(low_memory=True, compress_seconds=round(time.perf_counter() - start, 1),
                        stats_cache_hit=compressor.last_timings["stats_cache_hit"])
         with open(os.path.join(args.output, "config.json")) as f:
@@ -264,7 +276,7 @@ def run_compress(args) -> dict:
         if args.push_to_hub:
             summary["hub"] = _push(args.output, args.push_to_hub, args, after_save=True)
         return summary
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     if args.eval_source:
         summary["ppl_before"] = _ppl(model, tokenizer, args.eval_source, args)
         print(f"perplexity before ({args.eval_source}): {summary['ppl_before']:.3f}", flush=True)
@@ -311,7 +323,7 @@ def run_eval(args) -> dict:
     from .quantization import inference_mode_as_no_grad
 
     _check_model_spec(args.model)
-    model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=True)  # quantized ones too
+    model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     with inference_mode_as_no_grad(model):  # quanto's 4-bit layers fail under inference_mode
         return {"model": args.model, "source": args.source, "ppl": _ppl(model, tokenizer, args.source, args)}
 
@@ -347,9 +359,9 @@ def run_quantize(args) -> dict:
     from .quantization import RECORD_KEY, inference_mode_as_no_grad, quantize_model, save_quantized
     from .saving import check_output_dir
 
-    check_output_dir(args.output, args.overwrite)  # before any expensive work
+    check_output_dir(args.output, args.overwrite, inputs=[args.model])  # before any expensive work
     _check_model_spec(args.model)
-    model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=True)
+    model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     model = quantize_model(model, backend=args.backend, bits=args.bits, group_size=args.group_size,
                            skip=tuple(args.skip), dtype=getattr(torch, args.dtype))
     summary = {"model": args.model, "output": args.output, **getattr(model.config, RECORD_KEY)}
@@ -372,9 +384,10 @@ def run_recover(args) -> dict:
     from .recovery import recover_with_lora
     from .saving import check_output_dir
 
-    check_output_dir(args.output, args.overwrite)  # before any expensive work
+    check_output_dir(args.output, args.overwrite, inputs=[args.model])  # before any expensive work
     _check_model_spec(args.model)
-    model, tokenizer = load_model_and_tokenizer(args.model)  # the installed A3 class, which save() expects
+    # The installed A3 class, which save() expects.
+    model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     summary = {"model": args.model, "output": args.output}
     if args.eval_source:
         summary["ppl_before"] = _ppl(model, tokenizer, args.eval_source, args)

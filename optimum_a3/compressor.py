@@ -21,7 +21,7 @@ from .data import describe_source
 from .layer_solver import mlp_kept_channels, solve_attention, solve_layer, solve_mlp
 from .model_card import write_model_card
 from .models.a3_llama import A3LlamaConfig, A3LlamaForCausalLM
-from .saving import check_output_dir, write_atomically
+from .saving import check_output_dir, model_sources, write_atomically
 from .statistics import LayerStatistics, stream_layer_statistics
 from .stats_cache import StatisticsCache, statistics_key, tensor_digest
 from .streaming import (CheckpointWeights, LazyLayers, ShardWriter, empty_model, materialize, move_buffers,
@@ -112,14 +112,17 @@ class A3Compressor(OptimumQuantizer):
         """
         from transformers import AutoTokenizer
 
+        from .loading import remote_code_refused
+
+        save_dir = str(save_dir)
+        check_output_dir(save_dir, overwrite, inputs=[model_path])  # before any download or expensive work
         directory = resolve_checkpoint_dir(str(model_path))
         return_large_frees_to_the_os()  # else freed activations stay resident (see its docstring)
-        save_dir = str(save_dir)
-        check_output_dir(save_dir, overwrite)
         weights = CheckpointWeights(directory)
+        model = empty_model(directory, dtype or torch.float32, trust_remote_code)  # refuses unwanted remote code
         if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
-        model = empty_model(directory, dtype or torch.float32, trust_remote_code)
+            with remote_code_refused(directory):
+                tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
         if dtype is None and isinstance(getattr(model.config, "dtype", None), torch.dtype):
             model = empty_model(directory, model.config.dtype, trust_remote_code)
         dtype = model.dtype
@@ -141,7 +144,7 @@ class A3Compressor(OptimumQuantizer):
             writer.finish(total_parameters=total_params(compressed))
             self._write_files(compressed, tmp, tokenizer)
 
-        return write_atomically(save_dir, write, overwrite=overwrite)
+        return write_atomically(save_dir, write, overwrite=overwrite, inputs=[model_path, directory])
 
     def _compress(self, model, tokenizer, calibration_ids, progress, statistics, keep_statistics, stats_cache,
                   lazy: LazyLayers | None = None, writer: ShardWriter | None = None,
@@ -450,7 +453,7 @@ class A3Compressor(OptimumQuantizer):
                 tokenizer.save_pretrained(tmp)
             write_model_card(model, tmp)
 
-        return write_atomically(str(save_dir), writer, overwrite=overwrite)
+        return write_atomically(str(save_dir), writer, overwrite=overwrite, inputs=model_sources(model))
 
     def push_to_hub(self, model: nn.Module, repo_id: str, *, tokenizer=None, **kwargs):
         """Upload ``model`` (weights, config with ``auto_map``, modeling files, tokenizer, model card) to
@@ -487,6 +490,6 @@ class A3Compressor(OptimumQuantizer):
         """``OptimumQuantizer`` entry point: compress the model given to :meth:`from_pretrained` and save it."""
         if self._model is None:
             raise RuntimeError("call A3Compressor.from_pretrained(model) first, or use compress() + save()")
-        check_output_dir(str(save_dir), overwrite)
+        check_output_dir(str(save_dir), overwrite, inputs=model_sources(self._model))
         compressed = self.compress(self._model, self._tokenizer, **kwargs)
         return self.save(compressed, save_dir, tokenizer=self._tokenizer, overwrite=overwrite)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -13,6 +15,20 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 class ModelLoadError(ValueError):
     """The model specification could not be resolved."""
+
+
+@contextlib.contextmanager
+def remote_code_refused(spec: str) -> Iterator[None]:
+    """Turn transformers' refusal to run a checkpoint's own code (``auto_map`` without
+    ``trust_remote_code=True``) into a one-line :class:`ModelLoadError` naming the opt-in."""
+    try:
+        yield
+    except ValueError as exc:
+        if "trust_remote_code=True" not in str(exc):
+            raise
+        raise ModelLoadError(f"{spec} ships its own Python code (auto_map in its config.json), which runs only on "
+                             "an explicit opt-in: pass trust_remote_code=True (CLI: --trust-remote-code) once you "
+                             "have read it") from None
 
 
 def smollm2_offline_gguf() -> str:
@@ -53,6 +69,10 @@ def _dequantized_copy(model, dtype: torch.dtype | None):
 def load_model_and_tokenizer(spec: str = DEFAULT_MODEL, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
     """Load ``(model, tokenizer)``; GGUF weights are dequantized into a plain float model.
 
+    Code shipped with a checkpoint (``auto_map``) runs only with ``trust_remote_code=True``; A3 checkpoints
+    never need it (this package registers their classes), and without it such a checkpoint is refused
+    with :class:`ModelLoadError`.
+
     A checkpoint written by :func:`optimum_a3.quantization.save_quantized` (local or on the Hub) is loaded
     with :func:`~optimum_a3.quantization.load_quantized`, in the dtype it was quantized in (``dtype`` must
     then be ``None``): ``from_pretrained`` would silently re-initialise its quantized weights.
@@ -69,8 +89,9 @@ def load_model_and_tokenizer(spec: str = DEFAULT_MODEL, dtype: torch.dtype | Non
     kwargs = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto", **kwargs)
+    with remote_code_refused(spec):
+        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto", **kwargs)
     if gguf_file or getattr(model.config, "quantization_config", None) is not None and _is_gguf(model):
         model = _dequantized_copy(model, dtype or torch.float32)
     model.eval()

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .model_card import QUANTIZATION_RECORD, write_model_card
-from .saving import write_atomically
+from .saving import model_sources, write_atomically
 
 BACKENDS = ("hqq", "quanto")
 BITS = {"hqq": (1, 2, 3, 4, 8), "quanto": (2, 4, 8)}
@@ -171,7 +171,7 @@ def save_quantized(model: nn.Module, save_dir: str | Path, tokenizer=None, overw
         if getattr(model.config, "a3_compression", None):  # cards describe A3 checkpoints only
             write_model_card(None, tmp)
 
-    return write_atomically(str(save_dir), writer, overwrite=overwrite)
+    return write_atomically(str(save_dir), writer, overwrite=overwrite, inputs=model_sources(model))
 
 
 def load_quantized(save_dir: str | Path, device: str = "cpu", *, revision: str | None = None,

@@ -7,19 +7,54 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 
 class OutputDirError(FileExistsError):
     """The output directory is not empty and overwriting was not asked for."""
 
 
-def check_output_dir(save_dir: str, overwrite: bool) -> None:
-    """Fail early (before any expensive work) when ``save_dir`` would be clobbered."""
+def check_output_dir(save_dir: str | os.PathLike, overwrite: bool, inputs: Iterable[str | os.PathLike] = ()) -> None:
+    """Fail early (before any expensive work) when writing ``save_dir`` would destroy something.
+
+    Refused whatever ``overwrite`` says: an empty path (it would resolve to the working directory), the
+    working directory itself or any directory above it, a file, and a directory that is one of
+    ``inputs`` (checkpoint paths being read), contains one or lies inside one. A non-empty directory is
+    replaced only with ``overwrite``.
+    """
+    if save_dir is None or not str(save_dir).strip():
+        raise OutputDirError("the output path is empty: name the directory to write")
+    save_dir = str(save_dir)
+    target = os.path.realpath(save_dir)
+    cwd = os.path.realpath(os.getcwd())
+    if _is_within(cwd, target):
+        raise OutputDirError(f"{save_dir} is the current working directory or contains it: write to a new "
+                             "sub-directory instead")
+    for source in inputs:
+        if source is None or not str(source).strip() or not os.path.exists(source):
+            continue  # a Hub id: nothing local to protect
+        source_path = os.path.realpath(source)
+        if _is_within(source_path, target) or _is_within(target, source_path):
+            raise OutputDirError(f"{save_dir} is the input {source}, contains it or lies inside it: "
+                                 "write the result to another directory")
     if os.path.isfile(save_dir):
         raise OutputDirError(f"{save_dir} is a file, not a directory")
     if os.path.isdir(save_dir) and os.listdir(save_dir) and not overwrite:
         raise OutputDirError(f"{save_dir} is not empty: choose another directory or pass overwrite=True")
+
+
+def model_sources(model) -> list[str]:
+    """Local paths a model was read from (its ``_name_or_path``, the base model of an A3 record): a save
+    of that model must not replace them."""
+    config = getattr(model, "config", None)
+    record = getattr(config, "a3_compression", None) or {}
+    candidates = [getattr(config, "_name_or_path", None), record.get("base_model") if isinstance(record, dict) else None]
+    return [str(c) for c in candidates if isinstance(c, (str, os.PathLike)) and str(c).strip()]
+
+
+def _is_within(path: str, directory: str) -> bool:
+    """Whether real path ``path`` is ``directory`` or lies below it."""
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
 
 
 def partial_dir(parent: str, name: str) -> str:
@@ -63,14 +98,15 @@ def _process_alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_directory(save_dir: str, overwrite: bool = False) -> Iterator[str]:
+def atomic_directory(save_dir: str, overwrite: bool = False, inputs: Iterable[str] = ()) -> Iterator[str]:
     """Yield a temporary sibling directory; on success it replaces ``save_dir`` in one rename.
 
     On any exception (including KeyboardInterrupt) the temporary directory is deleted and ``save_dir``
     is untouched; one left by a killed process is deleted by the next save to the same place. With
     ``overwrite`` an existing directory is moved aside first and removed only after the new one is in place.
     """
-    check_output_dir(save_dir, overwrite)
+    inputs = tuple(inputs)
+    check_output_dir(save_dir, overwrite, inputs)
     save_dir = os.path.abspath(save_dir)
     parent = os.path.dirname(save_dir)
     os.makedirs(parent, exist_ok=True)
@@ -102,8 +138,12 @@ def _replace(new: str, target: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_atomically(save_dir: str, writer: Callable[[str], None], overwrite: bool = False) -> str:
-    """Run ``writer(tmp_dir)`` and move the result to ``save_dir`` atomically; returns ``save_dir``."""
-    with atomic_directory(save_dir, overwrite) as tmp:
+def write_atomically(save_dir: str, writer: Callable[[str], None], overwrite: bool = False,
+                     inputs: Iterable[str] = ()) -> str:
+    """Run ``writer(tmp_dir)`` and move the result to ``save_dir`` atomically; returns ``save_dir``.
+
+    ``save_dir`` is checked by :func:`check_output_dir` (with ``inputs``) first.
+    """
+    with atomic_directory(save_dir, overwrite, inputs) as tmp:
         writer(tmp)
     return save_dir
