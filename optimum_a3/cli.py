@@ -426,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     from .quantization import QuantizationError
     from .recovery import RecoveryError
     from .saving import OutputDirError
+    from .statistics import NonFiniteStatisticsError
+    from .weight_checks import NonFiniteWeightsError
 
     commands = {"compress": run_compress, "eval": run_eval, "push": run_push, "quantize": run_quantize,
                 "recover": run_recover}
@@ -433,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         result = commands[args.command](args)
     except (A3ConfigError, UnsupportedModelError, CalibrationDataError, DataSourceError, ModelLoadError,
             OutputDirError, CheckpointError, HubPushError, ModelCardError, HFValidationError,
-            QuantizationError, RecoveryError, OSError) as exc:
+            QuantizationError, RecoveryError, NonFiniteWeightsError, NonFiniteStatisticsError, OSError) as exc:
         print(f"optimum-a3 {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 import time
 import warnings
 from pathlib import Path
@@ -21,12 +23,13 @@ from .data import describe_source
 from .layer_solver import mlp_kept_channels, solve_attention, solve_layer, solve_mlp
 from .model_card import write_model_card
 from .models.a3_llama import A3LlamaConfig, A3LlamaForCausalLM
-from .saving import check_output_dir, model_sources, write_atomically
+from .saving import check_output_dir, model_sources, save_tokenizer, write_atomically
 from .statistics import LayerStatistics, stream_layer_statistics
-from .stats_cache import StatisticsCache, statistics_key, tensor_digest
+from .stats_cache import LayerDigestChain, StaleCacheEntry, StatisticsCache, statistics_key, tensor_digest
 from .streaming import (CheckpointWeights, LazyLayers, ShardWriter, empty_model, materialize, move_buffers,
                         resolve_checkpoint_dir, return_large_frees_to_the_os)
 from .version import __version__
+from .weight_checks import check_tensors_written, check_weights_read
 
 # Below this many calibration tokens per MLP channel the down_proj refit is skipped (see compress).
 MIN_TOKENS_PER_CHANNEL_FOR_REFIT = 2
@@ -85,7 +88,12 @@ class A3Compressor(OptimumQuantizer):
 
         To compress a checkpoint larger than memory, use :meth:`compress_checkpoint`.
         """
-        return self._compress(model, tokenizer, calibration_ids, progress, statistics, keep_statistics, stats_cache)
+        run = functools.partial(self._compress, model, tokenizer, calibration_ids, progress, statistics,
+                                keep_statistics, stats_cache)
+        try:
+            return run()
+        except StaleCacheEntry:  # deleted, with a warning: start again, computing the statistics
+            return run(reuse_cache=False)
 
     def compress_checkpoint(self, model_path: str | Path, save_dir: str | Path, tokenizer=None, *,
                             overwrite: bool = False, progress: bool = True,
@@ -110,19 +118,18 @@ class A3Compressor(OptimumQuantizer):
             other arguments: as :meth:`compress` and :meth:`save`.
         Returns the path of the saved checkpoint.
         """
-        from transformers import AutoTokenizer
-
-        from .loading import remote_code_refused
+        from .loading import load_tokenizer, remote_code_refused
 
         save_dir = str(save_dir)
         check_output_dir(save_dir, overwrite, inputs=[model_path])  # before any download or expensive work
         directory = resolve_checkpoint_dir(str(model_path))
         return_large_frees_to_the_os()  # else freed activations stay resident (see its docstring)
         weights = CheckpointWeights(directory)
-        model = empty_model(directory, dtype or torch.float32, trust_remote_code)  # refuses unwanted remote code
+        # Refuses unwanted remote code, and a config.json that does not describe the weights.
+        model = empty_model(directory, dtype or torch.float32, trust_remote_code)
         if tokenizer is None:
             with remote_code_refused(directory):
-                tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+                tokenizer = load_tokenizer(directory, trust_remote_code=trust_remote_code)
         if dtype is None and isinstance(getattr(model.config, "dtype", None), torch.dtype):
             model = empty_model(directory, model.config.dtype, trust_remote_code)
         dtype = model.dtype
@@ -138,9 +145,15 @@ class A3Compressor(OptimumQuantizer):
         lazy = LazyLayers(layers, names[layers] + ".", weights, dtype, device)
 
         def write(tmp: str) -> None:
+            run = functools.partial(self._compress, model, tokenizer, calibration_ids, progress, None, False,
+                                    stats_cache, lazy=lazy, weights=weights)
             writer = ShardWriter(tmp, max_shard_size)
-            compressed = self._compress(model, tokenizer, calibration_ids, progress, None, False, stats_cache,
-                                        lazy=lazy, writer=writer, weights=weights)
+            try:
+                compressed = run(writer=writer)
+            except StaleCacheEntry:  # deleted, with a warning: start again, computing the statistics
+                self._discard_partial_output(writer, lazy)
+                writer = ShardWriter(tmp, max_shard_size)
+                compressed = run(writer=writer, reuse_cache=False)
             writer.finish(total_parameters=total_params(compressed))
             self._write_files(compressed, tmp, tokenizer)
 
@@ -148,16 +161,20 @@ class A3Compressor(OptimumQuantizer):
 
     def _compress(self, model, tokenizer, calibration_ids, progress, statistics, keep_statistics, stats_cache,
                   lazy: LazyLayers | None = None, writer: ShardWriter | None = None,
-                  weights: CheckpointWeights | None = None) -> nn.Module:
+                  weights: CheckpointWeights | None = None, reuse_cache: bool = True) -> nn.Module:
         """The one pipeline. In memory (``lazy``/``writer`` None) the compressed model is built whole;
-        streaming, original layers are materialised by ``lazy`` and compressed ones handed to ``writer``."""
+        streaming, original layers are materialised by ``lazy`` and compressed ones handed to ``writer``.
+        With ``stats_cache``, a cached entry is read only if ``reuse_cache``; one found not to match this
+        model or damaged mid-way raises :class:`StaleCacheEntry` (the callers start again without it)."""
         adapter = adapter_for(model)
+        check_weights_read(model)  # what is in memory now; ``lazy`` checks each layer as it reads it
         cfg = self._restricted_to(adapter, self.config)
         geometry = adapter.geometry(model)
         dims = cfg.layer_dims(geometry.num_layers, geometry.head_dim, geometry.intermediate_size, rope=geometry.rope)
         torch.manual_seed(cfg.seed)
         if statistics is None:
-            calibration_ids, source = self._calibration_ids(tokenizer, calibration_ids)
+            calibration_ids, source = self._calibration_ids(tokenizer, calibration_ids,
+                                                            getattr(model.config, "max_position_embeddings", None))
             calibration = {"dataset": source, "nsamples": int(calibration_ids.shape[0]),
                            "seqlen": int(calibration_ids.shape[1]), "tokens": int(calibration_ids.numel())}
         else:
@@ -176,10 +193,11 @@ class A3Compressor(OptimumQuantizer):
             raise ValueError("mlp_refit needs statistics collected with mlp_refit=True (the down_proj autocorrelation)")
 
         cache, cache_writer, cache_hit = None, None, False
+        weight_chain = LayerDigestChain()  # the cache entry's check of the decoder layers, fed as they are read
         if statistics is None and stats_cache is not None:
-            key = statistics_key(model.config.to_dict(), self._weight_digest(model, adapter, weights), calibration_ids)
+            key = statistics_key(model.config.to_dict(), self._embedding_digest(model), calibration_ids)
             cache = StatisticsCache(str(stats_cache), key)
-            cache_hit = cache.covers(geometry.num_layers, want_head, cfg.mlp_refit)
+            cache_hit = reuse_cache and cache.covers(geometry.num_layers, want_head, cfg.mlp_refit)
         propagate = {} if cfg.sequential else None
         if statistics is not None:
             layer_stats = enumerate(statistics)
@@ -223,8 +241,10 @@ class A3Compressor(OptimumQuantizer):
                     propagate[idx] = targets[idx]
                     solve_time += time.perf_counter() - t0
                     continue
-                if cache_writer is not None:
-                    cache_writer.add(idx, stats)
+                if cache_hit:
+                    cache.check_weights(idx, weight_chain.add(originals[idx]))
+                elif cache_writer is not None:
+                    cache_writer.add(idx, stats, weight_chain.add(originals[idx]))
                 kept_mlp_channels = None
                 if idx in attention_entries:
                     new_entries = attention_entries.pop(idx)
@@ -303,15 +323,19 @@ class A3Compressor(OptimumQuantizer):
     def _module_name(root: nn.Module, module: nn.Module) -> str:
         return next(name for name, m in root.named_modules() if m is module)
 
-    def _weight_digest(self, model, adapter, weights: CheckpointWeights | None) -> str:
-        """Digest of two weight matrices (first layer's q_proj, last layer's down_proj) for the cache key."""
-        layers = adapter.layers(model)
-        prefix = self._module_name(model, layers)
-        paths = [f"0.{adapter.linear_paths['q']}.weight", f"{len(layers) - 1}.{adapter.linear_paths['down']}.weight"]
-        if weights is not None:
-            loaded = weights.load([f"{prefix}.{p}" for p in paths], model.dtype)
-            return tensor_digest(list(loaded.values()))
-        return tensor_digest([layers.get_parameter(p) for p in paths])
+    @staticmethod
+    def _embedding_digest(model) -> str:
+        """Digest of the input embeddings, which the statistics depend on besides the decoder layers (those
+        are checked per cache entry as they are read). Materialised in both modes, so no extra read."""
+        return tensor_digest(model.get_input_embeddings().state_dict())
+
+    @staticmethod
+    def _discard_partial_output(writer: ShardWriter, lazy: LazyLayers) -> None:
+        """Undo a streamed attempt that stopped mid-way: delete its flushed shards, release its layers."""
+        for path, _ in writer.shards:
+            os.remove(path)
+        for idx in list(lazy.loaded):
+            lazy.release(idx)
 
     @staticmethod
     def _outside_layer_tensors(compressed: nn.Module, weights: CheckpointWeights, dtype) -> dict[str, torch.Tensor]:
@@ -335,7 +359,7 @@ class A3Compressor(OptimumQuantizer):
         if compressed.can_generate():
             compressed.generation_config.save_pretrained(directory)
         if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
+            save_tokenizer(tokenizer, directory)
         write_model_card(compressed, directory)
 
     @staticmethod
@@ -378,8 +402,13 @@ class A3Compressor(OptimumQuantizer):
                 lazy.release(idx)
         return mixed_dims(tracks, uniform)
 
-    def _calibration_ids(self, tokenizer, calibration_ids) -> tuple[torch.Tensor, str]:
+    def _calibration_ids(self, tokenizer, calibration_ids, max_positions: int | None) -> tuple[torch.Tensor, str]:
         cfg = self.config
+        seqlen = cfg.seqlen if calibration_ids is None else torch.as_tensor(calibration_ids).shape[-1]
+        if max_positions and seqlen > max_positions:
+            # Positions the model was never trained on would skew every statistic.
+            raise A3ConfigError(f"calibration windows of {seqlen} tokens exceed the model's max_position_embeddings "
+                                f"({max_positions}): use seqlen <= {max_positions}")
         if calibration_ids is None:
             ids = calibration_windows(tokenizer, cfg.dataset, cfg.nsamples, cfg.seqlen, cfg.seed)
             return ids, describe_source(cfg.dataset)
@@ -420,7 +449,8 @@ class A3Compressor(OptimumQuantizer):
         compressed = compressed.to(model.dtype)
         if materialize:
             compressed = compressed.to_empty(device=model.get_input_embeddings().weight.device)
-        return compressed
+        # Eval mode, as from_pretrained gives: sequential calibration runs these layers (no dropout there).
+        return compressed.eval()
 
     @staticmethod
     def _copy_outside_layers(model: nn.Module, compressed: nn.Module) -> None:
@@ -446,11 +476,12 @@ class A3Compressor(OptimumQuantizer):
         """
         if not isinstance(model, A3LlamaForCausalLM):
             raise TypeError(f"expected a model returned by A3Compressor.compress, got {type(model).__name__}")
+        check_tensors_written(model.state_dict())  # before anything is created
 
         def writer(tmp: str) -> None:
             model.save_pretrained(tmp, max_shard_size=max_shard_size)
             if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
+                save_tokenizer(tokenizer, tmp)
             write_model_card(model, tmp)
 
         return write_atomically(str(save_dir), writer, overwrite=overwrite, inputs=model_sources(model))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -52,6 +54,15 @@ class A3Config:
             only its down_proj: 0.2-0.4 calibration forwards faster (README). ``False`` runs the whole compressed
             MLP instead and holds nothing, for models whose intermediate would not fit (a 70B Llama at
             128 x 2048 tokens holds about 15 GB). Both give the same model.
+
+    Types are checked when the config is built, so that a wrong one fails at once with
+    :class:`A3ConfigError`, not after a calibration run, and the record saved in ``config.json`` holds
+    plain JSON numbers. Numbers of any Python or NumPy type are accepted and stored as ``float`` / ``int``:
+    a NumPy float as the decimal it prints as (``np.float32(0.2)`` -> ``0.2``, not ``0.20000000298...``);
+    an integer field (``nsamples``, ``seqlen``, ``batch_size``, ``seed``, the dims) also takes a float
+    with an integral value (``4.0`` -> ``4``). Refused: strings (``"0.2"``, ``"4"``: a number that
+    arrives as text usually means a parsing step was skipped, and ``"0,2"`` or ``"20%"`` would be
+    guesses), bools, non-integral counts (``nsamples=2.5``) and non-finite values.
     """
 
     ratio: float | None = None
@@ -75,6 +86,7 @@ class A3Config:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        self._coerce_types()
         if self.method not in METHODS:
             raise A3ConfigError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
         if self.allocation == "mixed" and self.sequential is None:
@@ -98,7 +110,7 @@ class A3Config:
                 raise A3ConfigError(f"give a ratio or an explicit {_DIM_FIELDS[component]} for component {component!r}")
         for name in _DIM_FIELDS.values():
             for v in _as_list(getattr(self, name)):
-                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                if v < 1:
                     raise A3ConfigError(f"{name} values must be integers >= 1, got {v!r}")
         for name in ("nsamples", "seqlen", "batch_size"):
             if int(getattr(self, name)) < 1:
@@ -112,6 +124,25 @@ class A3Config:
             raise A3ConfigError("allocation='mixed' distributes a ratio's budget: give a ratio and no explicit dims")
         if not (0.0 <= self.eig_floor < 1.0):
             raise A3ConfigError(f"eig_floor must be in [0, 1), got {self.eig_floor}")
+        if self.refit_damping < 0.0:
+            raise A3ConfigError(f"refit_damping must be >= 0, got {self.refit_damping}")
+
+    def _coerce_types(self) -> None:
+        """Numbers to plain ``float``/``int``/``bool`` (see the class docstring); anything else is refused."""
+        for name in _FLOAT_FIELDS:
+            if not (name == "ratio" and self.ratio is None):
+                setattr(self, name, _as_float(name, getattr(self, name)))
+        for name in _INT_FIELDS:
+            setattr(self, name, _as_int(name, getattr(self, name)))
+        for name in _DIM_FIELDS.values():
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                setattr(self, name, [_as_int(name, v) for v in value])
+            elif value is not None:
+                setattr(self, name, _as_int(name, value))
+        for name in _BOOL_FIELDS:
+            if getattr(self, name) is not None:
+                setattr(self, name, _as_bool(name, getattr(self, name)))
 
     # --------------------------------------------------------------------------------- dims
     def layer_dims(self, num_layers: int, head_dim: int, intermediate_size: int | list[int], rope: bool = True) -> list[LayerDims]:
@@ -162,6 +193,9 @@ class A3Config:
 
 
 _DIM_FIELDS = {"qk": "head_dim_qk", "ov": "head_dim_vo", "mlp": "intermediate_size"}
+_FLOAT_FIELDS = ("ratio", "eig_floor", "refit_damping")
+_INT_FIELDS = ("nsamples", "seqlen", "batch_size", "seed")
+_BOOL_FIELDS = ("mlp_refit", "sequential", "hold_mlp_intermediate")  # None (the method's value) is left as is
 
 # Presets: "paper" reproduces arXiv 2505.12942; "default" is the best measured within the time budget.
 METHODS = {
@@ -185,3 +219,46 @@ def _expand(value: int | list[int], num_layers: int, name: str) -> list[int]:
             raise A3ConfigError(f"{name} has {len(value)} entries but the model has {num_layers} layers")
         return list(value)
     return [value] * num_layers
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _is_bool(value: Any) -> bool:
+    """A Python or NumPy bool (NumPy's is no ``bool`` subclass; importing NumPy is not needed to tell)."""
+    return isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"))
+
+
+def _as_float(name: str, value: Any) -> float:
+    """A plain finite ``float`` from a Python or NumPy number; NumPy floats keep the decimal they print as."""
+    if _is_bool(value) or not isinstance(value, numbers.Real):
+        raise A3ConfigError(f"{name} must be a number, got {_describe(value)}")
+    if isinstance(value, numbers.Integral):
+        number = float(int(value))
+    elif type(value).__module__ == "numpy":
+        number = float(str(value))  # np.float32(0.2) prints as 0.2, its float() is 0.20000000298023224
+    else:
+        number = float(value)
+    if not math.isfinite(number):
+        raise A3ConfigError(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
+def _as_int(name: str, value: Any) -> int:
+    """A plain ``int`` from a Python or NumPy integer, or from a float with an integral value."""
+    if _is_bool(value) or not isinstance(value, numbers.Real):
+        raise A3ConfigError(f"{name} must be an integer, got {_describe(value)}")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if not math.isfinite(float(value)) or float(value) != int(float(value)):
+        raise A3ConfigError(f"{name} must be an integer, got {value!r}")
+    return int(float(value))
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if not _is_bool(value):
+        raise A3ConfigError(f"{name} must be True or False, got {_describe(value)}")
+    return bool(value)

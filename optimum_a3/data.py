@@ -66,10 +66,37 @@ def wikipedia_offline_rows(part: str = "train") -> list[str]:
     raise DataSourceError(f"unknown part {part!r} of {WIKIPEDIA_OFFLINE}: use train, heldout or all")
 
 
+def read_utf8(path: str) -> str:
+    """The text of ``path``; a file that is not UTF-8 is a :class:`DataSourceError` naming it and the byte."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError:
+        raise DataSourceError(_not_utf8_message(path)) from None
+
+
+def _not_utf8_message(path: str) -> str:
+    # Decoded again whole: the text reader's error offset is relative to the chunk it was decoding.
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        return f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}): convert it to UTF-8"
+    return f"{path} is not UTF-8 text: convert it to UTF-8"
+
+
+def _parse_json(text: str, path: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataSourceError(f"{path} is not valid JSON ({exc})") from None
+
+
 def text_file_rows(path: str) -> list[str]:
     """Rows of a text file: one per line, line endings kept (the ``wikitext`` dataset's rows)."""
-    with open(path, encoding="utf-8") as f:
-        return f.read().splitlines(keepends=True)
+    return read_utf8(path).splitlines(keepends=True)
 
 
 def _rows_from_records(records: Sequence[Any], text_field: str, origin: str) -> list[str]:
@@ -92,12 +119,11 @@ def local_file_rows(path: str, text_field: str = "text") -> list[str]:
     if ext in (".txt", ".raw", ".tokens"):
         return text_file_rows(path)
     if ext == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            records = [json.loads(line) for line in f if line.strip()]
+        lines = read_utf8(path).splitlines()
+        records = [_parse_json(line, f"{path} line {n}") for n, line in enumerate(lines, start=1) if line.strip()]
         return _rows_from_records(records, text_field, path)
     if ext == ".json":
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
+        obj = _parse_json(read_utf8(path), path)
         if isinstance(obj, dict):
             return _rows_from_wiki_summaries(obj)
         return _rows_from_records(obj, text_field, path)
@@ -128,8 +154,7 @@ def wikitext2_test_rows(path: str | os.PathLike | None = None) -> list[str]:
     if path is not None:
         if not os.path.isfile(path):
             raise DataSourceError(f"no WikiText-2 test file at {path}")
-        with open(path, encoding="utf-8") as f:
-            return f.read().splitlines(keepends=True)
+        return text_file_rows(path)
     if os.path.isfile(DEFAULT_WIKITEXT2_TEST_PATH):
         return wikitext2_test_rows(DEFAULT_WIKITEXT2_TEST_PATH)
     try:

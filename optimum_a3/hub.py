@@ -27,6 +27,7 @@ from typing import Any
 
 from .model_card import (CARD_FILE, QUANTIZATION_RECORD, TOKENIZER_FILES, ModelCardError, is_generated_card,
                          load_config_dict, render_model_card)
+from .saving import save_tokenizer
 
 # Remote files a new push replaces as a set: stale shards of an earlier push must not survive next to new ones.
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "qmodel.pt",
@@ -190,7 +191,7 @@ def push_to_hub(model, repo_id: str, *, tokenizer=None, commit_message: str | No
         else:
             model.save_pretrained(staged, max_shard_size=max_shard_size)
             if tokenizer is not None:
-                tokenizer.save_pretrained(staged)
+                save_tokenizer(tokenizer, staged)
         return push_folder_to_hub(staged, repo_id, commit_message=commit_message,
                                   commit_description=commit_description, private=private, token=token,
                                   revision=revision, create_pr=create_pr, license=license, regenerate_card=True,
@@ -242,6 +243,12 @@ def push_folder_to_hub(directory: str | os.PathLike, repo_id: str, *, commit_mes
                                  commit_description=commit_description, revision=revision, create_pr=create_pr)
     except _network_errors() as exc:
         raise HubPushError(_reason(exc, api.endpoint, repo_id) + "; nothing was published") from exc
+    except RuntimeError as exc:
+        # huggingface_hub wraps a failed LFS upload in RuntimeError("Error while uploading ...") from the HTTP error.
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(exc, HubPushError) or not isinstance(cause, _network_errors()):
+            raise
+        raise HubPushError(_reason(cause, api.endpoint, repo_id) + "; nothing was published") from exc
     except ModelCardError as exc:
         raise CheckpointError(f"{directory}: {exc}") from exc
     except ValueError as exc:  # e.g. the Hub's metadata validation of README.md

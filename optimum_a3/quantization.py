@@ -29,6 +29,7 @@ import contextlib
 import functools
 import json
 import os
+import pickle
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,7 +38,7 @@ import torch
 from torch import nn
 
 from .model_card import QUANTIZATION_RECORD, write_model_card
-from .saving import model_sources, write_atomically
+from .saving import model_sources, save_tokenizer, write_atomically
 
 BACKENDS = ("hqq", "quanto")
 BITS = {"hqq": (1, 2, 3, 4, 8), "quanto": (2, 4, 8)}
@@ -167,7 +168,7 @@ def save_quantized(model: nn.Module, save_dir: str | Path, tokenizer=None, overw
 
             QuantizedModelForCausalLM(model).save_pretrained(tmp)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
         if getattr(model.config, "a3_compression", None):  # cards describe A3 checkpoints only
             write_model_card(None, tmp)
 
@@ -193,14 +194,30 @@ def load_quantized(save_dir: str | Path, device: str = "cpu", *, revision: str |
     if not isinstance(record, dict) or record.get("backend") not in BACKENDS:
         raise QuantizationError(f"{save_dir} is not a checkpoint written by save_quantized (no {RECORD_KEY} record)")
     _require(record["backend"])
-    if record["backend"] == "hqq":
-        dtype = getattr(torch, record.get("dtype") or "float32")  # config.json's dtype is hqq-stale
-        model = _hqq_model_class().from_quantized(os.path.abspath(save_dir), compute_dtype=dtype, device=device)
-    else:
-        from optimum.quanto import QuantizedModelForCausalLM
+    for name in _REQUIRED_FILES[record["backend"]]:
+        if not os.path.isfile(os.path.join(save_dir, name)):
+            raise QuantizationError(f"{save_dir}: cannot load the {record['backend']} checkpoint: {name} is missing")
+    try:
+        if record["backend"] == "hqq":
+            dtype = getattr(torch, record.get("dtype") or "float32")  # config.json's dtype is hqq-stale
+            model = _hqq_model_class().from_quantized(os.path.abspath(save_dir), compute_dtype=dtype, device=device)
+        else:
+            from optimum.quanto import QuantizedModelForCausalLM
 
-        model = QuantizedModelForCausalLM.from_pretrained(save_dir)._wrapped.to(device)
+            model = QuantizedModelForCausalLM.from_pretrained(save_dir)._wrapped.to(device)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as exc:  # missing, truncated or corrupted files
+        detail = f"{exc.filename} is missing or unreadable" if getattr(exc, "filename", None) else _first_line(exc)
+        raise QuantizationError(f"{save_dir}: cannot load the {record['backend']} checkpoint: {detail}") from exc
     return model.eval()
+
+
+# The weight files each backend's loader reads (hqq would raise a bare Exception without its file).
+_REQUIRED_FILES = {"hqq": ("qmodel.pt",), "quanto": ("quanto_qmap.json",)}
+
+
+def _first_line(exc: BaseException) -> str:
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def _local_checkpoint(path_or_repo: str, revision: str | None, token: str | None) -> str:
@@ -217,9 +234,8 @@ def _local_checkpoint(path_or_repo: str, revision: str | None, token: str | None
     try:
         return snapshot_download(path_or_repo, revision=revision, token=token)
     except Exception as exc:  # noqa: BLE001 - not found, offline, no access: one message naming both readings
-        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise QuantizationError(f"no such directory: {path_or_repo}, and it could not be downloaded as a Hub "
-                                f"repo ({type(exc).__name__}: {first})") from exc
+                                f"repo ({_first_line(exc)})") from exc
 
 
 # ----------------------------------------------------------------------------------- backends

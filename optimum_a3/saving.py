@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -41,6 +42,19 @@ def check_output_dir(save_dir: str | os.PathLike, overwrite: bool, inputs: Itera
         raise OutputDirError(f"{save_dir} is a file, not a directory")
     if os.path.isdir(save_dir) and os.listdir(save_dir) and not overwrite:
         raise OutputDirError(f"{save_dir} is not empty: choose another directory or pass overwrite=True")
+    _check_parent_writable(target, save_dir)
+
+
+def _check_parent_writable(target: str, save_dir: str) -> None:
+    """The nearest existing ancestor of ``target`` must be a directory we may create entries in (the
+    result is written to a sibling of ``target`` and renamed), checked before any expensive work."""
+    ancestor = os.path.dirname(target)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise OutputDirError(f"cannot write {save_dir}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputDirError(f"cannot write {save_dir}: no permission to create files in {ancestor}")
 
 
 def model_sources(model) -> list[str]:
@@ -113,10 +127,44 @@ def atomic_directory(save_dir: str, overwrite: bool = False, inputs: Iterable[st
     tmp = partial_dir(parent, os.path.basename(save_dir))
     try:
         yield tmp
+        _apply_umask(tmp)
         _replace(tmp, save_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _apply_umask(directory: str) -> None:
+    """Give ``directory`` and everything in it the modes a plain ``mkdir``/``open`` would (0777/0666 less
+    the umask): ``mkdtemp`` makes the work directory 0700, and some writers make their files 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for root, dirs, files in os.walk(directory):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
+def save_tokenizer(tokenizer, directory: str) -> None:
+    """``tokenizer.save_pretrained(directory)`` without the load-time facts transformers records in
+    ``tokenizer_config.json`` (``local_files_only`` under ``HF_HUB_OFFLINE``, ``is_local``), which would make
+    the same checkpoint differ byte for byte between an offline and an online run."""
+    tokenizer.save_pretrained(directory)
+    path = os.path.join(directory, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    if any(key in config for key in _LOAD_TIME_TOKENIZER_KEYS):
+        for key in _LOAD_TIME_TOKENIZER_KEYS:
+            config.pop(key, None)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+_LOAD_TIME_TOKENIZER_KEYS = ("local_files_only", "is_local")
 
 
 def _replace(new: str, target: str) -> None:

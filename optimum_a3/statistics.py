@@ -179,23 +179,23 @@ def stream_layer_statistics(model: nn.Module, adapter, input_ids: torch.Tensor, 
     try:
         with torch.inference_mode():
             inputs = capture_first_layer_inputs(model, layers, input_ids, batch_size, device)
-            bar = tqdm(total=len(layers), desc="A3 calibration", unit="layer", disable=not progress)
-            for idx, layer in enumerate(layers):
-                if layer_loader is not None:
-                    layer_loader.load(idx)
-                acc = _Accumulator(geometry.num_heads, geometry.head_dim, want_head_autocorr, want_down_autocorr)
-                residual_sq = sum(hidden.to(torch.float64).pow(2).sum().item() for hidden, _ in inputs)
+            # Closed on errors too, so that a one-line error is not printed onto the bar's line.
+            with tqdm(total=len(layers), desc="A3 calibration", unit="layer", disable=not progress) as bar:
+                for idx, layer in enumerate(layers):
+                    if layer_loader is not None:
+                        layer_loader.load(idx)
+                    acc = _Accumulator(geometry.num_heads, geometry.head_dim, want_head_autocorr, want_down_autocorr)
+                    residual_sq = sum(hidden.to(torch.float64).pow(2).sum().item() for hidden, _ in inputs)
 
-                def ready(stats: LayerStatistics, idx=idx, residual_sq=residual_sq) -> tuple[int, LayerStatistics]:
-                    stats.residual_sq_mean = residual_sq / stats.num_tokens
-                    stats.check_finite(idx)
-                    bar.update(int(stats.complete))
-                    return idx, stats
+                    def ready(stats: LayerStatistics, idx=idx, residual_sq=residual_sq) -> tuple[int, LayerStatistics]:
+                        stats.residual_sq_mean = residual_sq / stats.num_tokens
+                        stats.check_finite(idx)
+                        bar.update(int(stats.complete))
+                        return idx, stats
 
-                inputs = yield from stream(adapter, idx, layer, inputs, acc, want_head_autocorr, propagate, ready)
-                if layer_loader is not None:
-                    layer_loader.release(idx)
-            bar.close()
+                    inputs = yield from stream(adapter, idx, layer, inputs, acc, want_head_autocorr, propagate, ready)
+                    if layer_loader is not None:
+                        layer_loader.release(idx)
     finally:
         model.train(was_training)
 

@@ -9,6 +9,7 @@ of weights plus its float64 statistics plus the calibration activations plus one
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import json
@@ -17,11 +18,12 @@ import sys
 from collections import defaultdict
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .loading import ModelLoadError, remote_code_refused
+from .loading import ModelLoadError, check_config_describes_weights, load_checked_config, remote_code_refused
+from .weight_checks import check_tensors_written, check_weights_read
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -71,10 +73,9 @@ class CheckpointWeights:
         index = os.path.join(directory, INDEX_FILE)
         single = os.path.join(directory, SINGLE_FILE)
         if os.path.isfile(index):
-            with open(index) as f:
-                self.weight_map: dict[str, str] = json.load(f)["weight_map"]
+            self.weight_map: dict[str, str] = _read_weight_map(index)
         elif os.path.isfile(single):
-            with safe_open(single, framework="pt") as f:
+            with self._open(SINGLE_FILE) as f:
                 self.weight_map = {name: SINGLE_FILE for name in f.keys()}
         else:
             raise ModelLoadError(f"{directory} has no {SINGLE_FILE} or {INDEX_FILE}: streaming needs safetensors weights")
@@ -82,33 +83,74 @@ class CheckpointWeights:
     def names(self) -> list[str]:
         return list(self.weight_map)
 
+    @contextlib.contextmanager
+    def _open(self, file: str):
+        """``safe_open`` of one weight file; a damaged or missing one is a :class:`ModelLoadError` naming it."""
+        path = os.path.join(self.directory, file)
+        try:
+            with safe_open(path, framework="pt") as f:
+                yield f
+        except SafetensorError as exc:
+            raise ModelLoadError(f"{path} is not a readable safetensors file ({' '.join(str(exc).split())}): "
+                                 "it is truncated or damaged; download or copy it again") from None
+        except FileNotFoundError:
+            raise ModelLoadError(f"{path} is missing (listed in {INDEX_FILE})") from None
+
+    def _by_file(self, names: list[str]) -> dict[str, list[str]]:
+        by_file = defaultdict(list)
+        for name in names:
+            by_file[self.weight_map[name]].append(name)
+        return by_file
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, read from the file headers (no tensor data); opening every file also
+        finds a truncated or damaged one before any work."""
+        shapes = {}
+        for file, file_names in self._by_file(self.names()).items():
+            with self._open(file) as f:
+                for name in file_names:
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+        return shapes
+
     def load(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Read ``names`` (opening each shard once), cast to ``dtype``; a missing name is an error."""
         missing = [n for n in names if n not in self.weight_map]
         if missing:
             raise ModelLoadError(f"{self.directory}: tensors missing from the checkpoint: {missing[:5]}")
-        by_file = defaultdict(list)
-        for name in names:
-            by_file[self.weight_map[name]].append(name)
         out = {}
-        for file, file_names in by_file.items():
-            with safe_open(os.path.join(self.directory, file), framework="pt") as f:
+        for file, file_names in self._by_file(names).items():
+            with self._open(file) as f:
                 for name in file_names:
                     tensor = f.get_tensor(name)
                     out[name] = tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
         return out
 
 
+def _read_weight_map(index: str) -> dict[str, str]:
+    try:
+        with open(index) as f:
+            return json.load(f)["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"{index} is not a safetensors index (a JSON object with a weight_map): "
+                             f"{type(exc).__name__}: {exc}") from None
+
+
 def empty_model(directory: str, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
     """The model of ``directory`` with parameters on the meta device (buffers such as RoPE frequencies
-    stay real), in eval mode. Nothing is read from the weight files."""
+    stay real), in eval mode. Only the weight files' headers are read: a config.json that does not
+    describe them (a missing key left to transformers' default, fewer layers than the shards hold) and
+    a damaged file are refused with :class:`ModelLoadError` (see
+    :func:`optimum_a3.loading.check_config_describes_weights`)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
+    config, config_dict = load_checked_config(directory, trust_remote_code)
     with remote_code_refused(directory):
-        config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # as from_pretrained does: a tied lm_head is then no tensor of its own
+    if has_safetensors(directory):
+        check_config_describes_weights(model, CheckpointWeights(directory).shapes(), config_dict, directory)
     model.config._name_or_path = directory
     return model.eval()
 
@@ -146,6 +188,7 @@ class LazyLayers:
         if idx not in self.loaded:
             materialize(self.layers[idx], f"{self.prefix}{idx}.", self.weights, self.dtype, self.device)
             self.loaded.add(idx)
+            check_weights_read(self.layers[idx], f"{self.prefix}{idx}.")
 
     def release(self, idx: int) -> None:
         if idx in self.loaded:
@@ -183,6 +226,8 @@ class ShardWriter:
         self.total_params = 0
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Queue ``tensors`` for writing; one with NaN or Inf values is refused by name."""
+        check_tensors_written(tensors)
         for name, tensor in tensors.items():
             size = tensor.numel() * tensor.element_size()
             if self.pending and self.pending_bytes + size > self.max_bytes:
