@@ -36,15 +36,29 @@ def test_ratio_zero_reproduces_logits(family):
 def test_qwen2_biases_are_carried():
     model = tiny_llama(family="qwen2", tie=False)
     compressed = _compress(model, ratio=0.25)
-    attn = compressed.model.layers[0].self_attn
-    assert attn.q_proj.bias is not None and attn.k_proj.bias is not None
-    assert torch.count_nonzero(attn.v_proj.bias) == 0            # folded into o_proj
-    assert torch.count_nonzero(attn.o_proj.bias) > 0
-    original = model.model.layers[0].self_attn
-    kept = attn.rope_pairs[0]                                      # kv head 0 serves query heads 0, 1
-    half = model.config.head_dim // 2
-    dims = torch.cat([kept, kept + half])
-    torch.testing.assert_close(attn.k_proj.bias[: dims.numel()], original.k_proj.bias[dims])
+    c = model.config
+    h, g, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    half, group = hd // 2, h // g
+    for idx, layer in enumerate(compressed.model.layers):
+        attn, original = layer.self_attn, model.model.layers[idx].self_attn
+        assert attn.q_proj.bias is not None and attn.k_proj.bias is not None
+        # q/k: the bias entries of the kept dims, per KV group (its query heads share its pairs).
+        for kv in range(g):
+            kept = attn.rope_pairs[kv]
+            dims = torch.cat([kept, kept + half])
+            torch.testing.assert_close(attn.k_proj.bias.view(g, -1)[kv], original.k_proj.bias.view(g, hd)[kv, dims])
+            for head in range(kv * group, (kv + 1) * group):
+                torch.testing.assert_close(attn.q_proj.bias.view(h, -1)[head], original.q_proj.bias.view(h, hd)[head, dims])
+        # v: every attention row sums to one, so the value bias of query head h's KV group adds the constant
+        # b_v,g(h) W_o,h to the output: folded exactly into the o_proj bias (Qwen2 has none), v bias zero.
+        assert original.o_proj.bias is None
+        assert torch.count_nonzero(attn.v_proj.bias) == 0
+        w_o, b_v = original.o_proj.weight.double(), original.v_proj.bias.double()
+        expected = torch.zeros(c.hidden_size, dtype=torch.float64)
+        for head in range(h):
+            kv = head // group
+            expected += w_o[:, head * hd:(head + 1) * hd] @ b_v[kv * hd:(kv + 1) * hd]
+        torch.testing.assert_close(attn.o_proj.bias.double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_qwen2_bias_aware_pair_scores_use_the_input_mean():

@@ -12,18 +12,22 @@ FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwe
 
 def tiny_llama(num_heads: int = 4, num_kv_heads: int = 2, head_dim: int = 16, hidden: int = 48,
                intermediate: int = 96, layers: int = 2, vocab: int = 128, tie: bool = True,
-               seed: int = 0, dtype: torch.dtype = torch.float32, family: str = "llama", **extra):
+               seed: int = 0, dtype: torch.dtype = torch.float32, family: str = "llama",
+               rms_norm_eps: float = 1e-6, random_norms: bool = False, **extra):
     """A random Llama-architecture causal LM; GQA by default, MHA with ``num_kv_heads=num_heads``.
 
     ``family="qwen2"`` (q/k/v biases) or ``"qwen3"`` (q/k RMSNorm) builds those architectures instead;
     biases and norm weights are random too, so that carrying them wrongly is visible.
+    ``random_norms=True`` also draws the layer-norm weights (input, post-attention, final; default 1.0)
+    from U(0.5, 1.5); with ``rms_norm_eps`` and RoPE settings (``rope_parameters=...``) that differ from
+    the defaults, a compressed config or checkpoint that loses them is visible in the logits.
     """
     torch.manual_seed(seed)
     config_class, model_class = FAMILIES[family]
     config = config_class(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, head_dim=head_dim,
-        max_position_embeddings=256, tie_word_embeddings=tie, rms_norm_eps=1e-6,
+        max_position_embeddings=256, tie_word_embeddings=tie, rms_norm_eps=rms_norm_eps,
         bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra,
     )
     model = model_class(config).to(dtype)
@@ -35,6 +39,8 @@ def tiny_llama(num_heads: int = 4, num_kv_heads: int = 2, head_dim: int = 16, hi
             elif name.endswith("bias"):
                 p.normal_(0.0, 0.3)
             elif "q_norm" in name or "k_norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif random_norms and "norm" in name:
                 p.uniform_(0.5, 1.5)
     return model.eval()
 
