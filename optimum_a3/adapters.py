@@ -3,6 +3,10 @@
 An adapter names the decoder layers and the projections whose inputs are calibrated, reads a layer's
 weights in the method's (in, out) notation, and builds the compressed model's config. Everything
 else (statistics, solvers, surgery, saving) is shared.
+
+Adapters are the only place that knows module paths: size counters, baselines, LoRA recovery and the
+compressor ask :func:`adapter_for` (or :func:`decoder_layers`), also for compressed A3 models
+(``model_type="a3_llama"``, laid out like Llama) and quantized ones (same paths, other linear classes).
 """
 
 from __future__ import annotations
@@ -82,8 +86,15 @@ class LlamaFamilyAdapter:
         """Compressed-config fields that differ from the original config's (family specific)."""
         return {}
 
+    # Where the decoder stack (the model without its LM head) and its list of layers live.
+    decoder_path = "model"
+    layers_path = "model.layers"
+
+    def decoder(self, model: nn.Module) -> nn.Module:
+        return model.get_submodule(self.decoder_path)
+
     def layers(self, model: nn.Module) -> nn.ModuleList:
-        return model.model.layers
+        return model.get_submodule(self.layers_path)
 
     # Modules whose INPUT is calibrated: attention input (q_proj), attention-weighted values (o_proj),
     # and the down_proj input.
@@ -118,9 +129,15 @@ class LlamaFamilyAdapter:
         "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
     }
     rope_pairs_path = "self_attn.rope_pairs"
+    # Components whose linears read the very same input tensor (one input statistic serves a group).
+    shared_input_groups = (("q", "k", "v"), ("gate", "up"))
 
     def linears(self, layer: nn.Module) -> dict[str, nn.Linear]:
         return {name: layer.get_submodule(path) for name, path in self.linear_paths.items()}
+
+    def lora_targets(self) -> list[str]:
+        """peft ``target_modules`` for every projection A3 resizes: the module names of ``linear_paths``."""
+        return [path.rpartition(".")[2] for path in self.linear_paths.values()]
 
     def compressed_config(self, model: nn.Module, dims: list, record: dict) -> A3LlamaConfig:
         original = model.config.to_dict()
@@ -181,14 +198,23 @@ def supported_model_types() -> list[str]:
     return sorted({t for a in ADAPTERS for t in a.model_types if not t.startswith("a3_")})
 
 
-def adapter_for(model: nn.Module):
-    """The adapter of ``model``'s architecture; a clear error naming the supported ones otherwise."""
+def adapter_for(model: nn.Module, validate: bool = True):
+    """The adapter of ``model``'s architecture; a clear error naming the supported ones otherwise.
+
+    ``validate=False`` skips the checks that the model can be compressed, to look up module paths only:
+    compressed A3 models (``a3_llama``, refused for compression) and quantized models resolve too.
+    """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     for adapter in ADAPTERS:
         if model_type in adapter.model_types:
-            adapter.validate(model)
+            if validate:
+                adapter.validate(model)
             return adapter
     raise UnsupportedModelError(
         f"A3 does not support model_type={model_type!r} yet; supported: {', '.join(supported_model_types())}"
     )
 
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of ``model`` (original, compressed or quantized), found by its adapter."""
+    return adapter_for(model, validate=False).layers(model)

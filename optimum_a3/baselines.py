@@ -22,11 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-# Linears of a Llama-style decoder layer whose inputs are identical: one X^T X serves the group.
-_SHARED_INPUT_GROUPS = {
-    "q_proj": "qkv_input", "k_proj": "qkv_input", "v_proj": "qkv_input",
-    "gate_proj": "gate_up_input", "up_proj": "gate_up_input",
-}
+from .adapters import adapter_for
 
 
 class LowRankLinear(nn.Module):
@@ -150,10 +146,15 @@ def svd_llm_factors(weight: torch.Tensor, xtx: torch.Tensor, rank: int) -> tuple
 
 
 def _decoder_layers(model) -> nn.ModuleList:
-    try:
-        return model.model.layers
-    except AttributeError as exc:
-        raise ValueError("expected a causal LM with decoder layers at model.model.layers (Llama-style)") from exc
+    """The decoder layers, found by the model family's adapter (``UnsupportedModelError``, a ``ValueError``,
+    for a family without one)."""
+    return adapter_for(model, validate=False).layers(model)
+
+
+def _shared_input_groups(adapter) -> dict[str, str]:
+    """Path inside a layer -> group name, for the linears that read the same input (one X^T X per group)."""
+    return {adapter.linear_paths[name]: "+".join(group) + "_input"
+            for group in adapter.shared_input_groups for name in group}
 
 
 def _decoder_linears(model) -> Iterator[tuple[int, str, nn.Linear]]:
@@ -168,10 +169,11 @@ def _decoder_linears(model) -> Iterator[tuple[int, str, nn.Linear]]:
 
 def _replace_linears(model, ratio: float, factorise, desc: str, progress: bool) -> nn.Module:
     """Swap every decoder-layer linear of ``model`` (in place) for a ``LowRankLinear`` from ``factorise``."""
-    layers = _decoder_layers(model)
+    adapter = adapter_for(model, validate=False)
+    layers = adapter.layers(model)
     targets = list(_decoder_linears(model))
     if not targets:
-        raise ValueError("no nn.Linear found inside model.model.layers")
+        raise ValueError(f"no nn.Linear found inside model.{adapter.layers_path}")
     for index, name, linear in tqdm(targets, desc=desc, unit="linear", disable=not progress):
         rank = svd_rank(linear.in_features, linear.out_features, ratio)
         a, b = factorise(index, name, linear, rank)
@@ -222,16 +224,16 @@ def collect_input_gram(model, calibration_ids: torch.Tensor, batch_size: int = 1
                 grams[key] = x.T @ x
         return hook
 
+    adapter = adapter_for(model, validate=False)
+    shared = _shared_input_groups(adapter)
     for index, name, linear in _decoder_linears(model):
-        prefix, _, leaf = name.rpartition(".")
-        group = _SHARED_INPUT_GROUPS.get(leaf)
-        key = (index, f"{prefix}.{group}" if group else name)
+        key = (index, shared.get(name, name))
         if key not in key_of.values():  # the first member of a group carries the hook for all
             handles.append(linear.register_forward_pre_hook(make_hook(key)))
         key_of[(index, name)] = key
 
     device = next(model.parameters()).device
-    decoder = model.model
+    decoder = adapter.decoder(model)
     was_training = model.training
     model.eval()
     try:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .adapters import adapter_for, decoder_layers
+
 
 @dataclass(frozen=True)
 class LayerDims:
@@ -31,7 +33,7 @@ def uniform_dims(ratio: float, head_dim: int, intermediate_size: int, rope: bool
 def decoder_linear_params(model: nn.Module) -> int:
     """Parameters of all linear layers inside the decoder layers (embeddings and lm_head excluded)."""
     total = 0
-    for module in model.model.layers.modules():
+    for module in decoder_layers(model).modules():
         if isinstance(module, nn.Linear):
             total += module.weight.numel() + (module.bias.numel() if module.bias is not None else 0)
     return total
@@ -53,9 +55,9 @@ def total_params(model: nn.Module) -> int:
 def kv_cache_bytes_per_token(model: nn.Module, dtype: torch.dtype | None = None) -> int:
     """Bytes of key + value cache per token over all layers (from the k_proj/v_proj output widths)."""
     dtype = dtype or next(model.parameters()).dtype
+    adapter = adapter_for(model, validate=False)
     width = 0
-    for layer in model.model.layers:
-        attn = layer.self_attn
-        width += attn.k_proj.out_features + attn.v_proj.out_features
+    for layer in adapter.layers(model):
+        width += sum(layer.get_submodule(adapter.linear_paths[name]).out_features for name in ("k", "v"))
     return width * torch.tensor([], dtype=dtype).element_size()
 
