@@ -246,6 +246,7 @@ def run_compress(args) -> dict:
     from .compressor import A3Compressor
     from .config import A3Config
     from .loading import load_model_and_tokenizer
+    from .records import compression_record, update_compression_record
     from .saving import check_output_dir
 
     config = A3Config(
@@ -272,7 +273,7 @@ def run_compress(args) -> dict:
         summary.update(low_memory=True, compress_seconds=round(time.perf_counter() - start, 1),
                        stats_cache_hit=compressor.last_timings["stats_cache_hit"])
         with open(os.path.join(args.output, "config.json")) as f:
-            summary.update(json.load(f)["a3_compression"]["sizes"])
+            summary.update(compression_record(json.load(f)).sizes or {})
         if args.push_to_hub:
             summary["hub"] = _push(args.output, args.push_to_hub, args, after_save=True)
         return summary
@@ -288,10 +289,10 @@ def run_compress(args) -> dict:
     if args.eval_source:
         summary["ppl_after"] = _ppl(small, tokenizer, args.eval_source, args)
         print(f"perplexity after  ({args.eval_source}): {summary['ppl_after']:.3f}", flush=True)
-        small.config.a3_compression["evaluation"] = {
+        update_compression_record(small.config, evaluation={
             "source": args.eval_source, "seqlen": args.eval_seqlen, "max_windows": args.eval_windows,
-            "ppl_dense": summary["ppl_before"], "ppl_compressed": summary["ppl_after"]}
-    summary.update(small.config.a3_compression["sizes"])  # [base, compressed], counted by the compressor
+            "ppl_dense": summary["ppl_before"], "ppl_compressed": summary["ppl_after"]})
+    summary.update(compression_record(small.config).sizes)  # [base, compressed], counted by the compressor
     compressor.save(small, args.output, tokenizer=tokenizer, overwrite=args.overwrite,
                     max_shard_size=args.max_shard_size)
     if args.push_to_hub:
@@ -356,7 +357,8 @@ def run_quantize(args) -> dict:
     import torch
 
     from .loading import load_model_and_tokenizer
-    from .quantization import RECORD_KEY, inference_mode_as_no_grad, quantize_model, save_quantized
+    from .quantization import inference_mode_as_no_grad, quantize_model, save_quantized
+    from .records import quantization_record, update_quantization_record
     from .saving import check_output_dir
 
     check_output_dir(args.output, args.overwrite, inputs=[args.model])  # before any expensive work
@@ -364,13 +366,13 @@ def run_quantize(args) -> dict:
     model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     model = quantize_model(model, backend=args.backend, bits=args.bits, group_size=args.group_size,
                            skip=tuple(args.skip), dtype=getattr(torch, args.dtype))
-    summary = {"model": args.model, "output": args.output, **getattr(model.config, RECORD_KEY)}
+    summary = {"model": args.model, "output": args.output, **quantization_record(model.config).to_dict()}
     if args.eval_source:
         with inference_mode_as_no_grad(model):  # quanto's 4-bit layers fail under inference_mode
             summary["ppl"] = _ppl(model, tokenizer, args.eval_source, args)
-        getattr(model.config, RECORD_KEY)["evaluation"] = {  # for the model card
+        update_quantization_record(model.config, evaluation={  # for the model card
             "source": args.eval_source, "seqlen": args.eval_seqlen, "max_windows": args.eval_windows,
-            "ppl": summary["ppl"]}
+            "ppl": summary["ppl"]})
     save_quantized(model, args.output, tokenizer=tokenizer, overwrite=args.overwrite)
     return summary
 
@@ -381,6 +383,7 @@ def run_recover(args) -> dict:
     from .compressor import A3Compressor
     from .config import A3Config
     from .loading import load_model_and_tokenizer
+    from .records import compression_record, update_compression_record
     from .recovery import recover_with_lora
     from .saving import check_output_dir
 
@@ -395,12 +398,12 @@ def run_recover(args) -> dict:
                                   alpha=args.alpha, learning_rate=args.lr, seqlen=args.seqlen,
                                   batch_size=args.batch_size, seed=args.seed,
                                   autocast_dtype=torch.bfloat16 if args.bf16_autocast else None)
-    summary["recovery"] = recovered.config.a3_compression["recovery"]
+    summary["recovery"] = compression_record(recovered.config).recovery
     if args.eval_source:
         summary["ppl_after"] = _ppl(recovered, tokenizer, args.eval_source, args)
-        recovered.config.a3_compression["evaluation"] = {  # for the model card; the dense figure was not measured
+        update_compression_record(recovered.config, evaluation={  # for the card; the dense figure was not measured
             "source": args.eval_source, "seqlen": args.eval_seqlen, "max_windows": args.eval_windows,
-            "ppl_dense": None, "ppl_compressed": summary["ppl_after"], "ppl_before_recovery": summary["ppl_before"]}
+            "ppl_dense": None, "ppl_compressed": summary["ppl_after"], "ppl_before_recovery": summary["ppl_before"]})
     # save() writes the model as it is: the compressor's own settings play no part.
     A3Compressor(A3Config(ratio=0.0)).save(recovered, args.output, tokenizer=tokenizer, overwrite=args.overwrite)
     return summary
@@ -424,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     from .loading import ModelLoadError
     from .model_card import ModelCardError
     from .quantization import QuantizationError
+    from .records import RecordError
     from .recovery import RecoveryError
     from .saving import OutputDirError
     from .statistics import NonFiniteStatisticsError
@@ -435,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         result = commands[args.command](args)
     except (A3ConfigError, UnsupportedModelError, CalibrationDataError, DataSourceError, ModelLoadError,
             OutputDirError, CheckpointError, HubPushError, ModelCardError, HFValidationError,
-            QuantizationError, RecoveryError, NonFiniteWeightsError, NonFiniteStatisticsError, OSError) as exc:
+            QuantizationError, RecordError, RecoveryError, NonFiniteWeightsError, NonFiniteStatisticsError,
+            OSError) as exc:
         print(f"optimum-a3 {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))

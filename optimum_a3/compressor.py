@@ -14,7 +14,7 @@ import torch
 from optimum.quantization_base import OptimumQuantizer
 from torch import nn
 
-from .adapters import adapter_for
+from .adapters import adapter_for, decoder_layers
 from .allocation import layer_tracks, mixed_dims
 from .budget import LayerDims, decoder_linear_params, kv_cache_bytes_per_token, total_params
 from .calibration import calibration_windows
@@ -23,6 +23,7 @@ from .data import describe_source
 from .layer_solver import mlp_kept_channels, solve_attention, solve_layer, solve_mlp
 from .model_card import write_model_card
 from .models.a3_llama import A3LlamaConfig, A3LlamaForCausalLM
+from .records import CompressionRecord, update_compression_record
 from .saving import check_output_dir, model_sources, save_tokenizer, write_atomically
 from .statistics import LayerStatistics, stream_layer_statistics
 from .stats_cache import LayerDigestChain, StaleCacheEntry, StatisticsCache, statistics_key, tensor_digest
@@ -278,10 +279,10 @@ class A3Compressor(OptimumQuantizer):
         else:
             writer.add(self._outside_layer_tensors(compressed, weights, model.dtype))
         # Counted on both models; the base figures cannot be derived from the checkpoint later.
-        compressed.config.a3_compression["sizes"] = {
+        update_compression_record(compressed.config, sizes={
             name: [count(model), count(compressed)] for name, count in (
                 ("decoder_linear_params", decoder_linear_params), ("total_params", total_params),
-                ("kv_cache_bytes_per_token", kv_cache_bytes_per_token))}
+                ("kv_cache_bytes_per_token", kv_cache_bytes_per_token))})
         total = time.perf_counter() - start
         self.last_timings = {"total_s": total, "solve_s": solve_time, "calibration_forward_s": total - solve_time,
                              "stats_cache_hit": cache_hit}
@@ -340,7 +341,7 @@ class A3Compressor(OptimumQuantizer):
     @staticmethod
     def _outside_layer_tensors(compressed: nn.Module, weights: CheckpointWeights, dtype) -> dict[str, torch.Tensor]:
         """Embeddings, final norm and (untied) lm_head, read from the original checkpoint."""
-        layers_prefix = A3Compressor._module_name(compressed, compressed.model.layers) + "."
+        layers_prefix = A3Compressor._module_name(compressed, decoder_layers(compressed)) + "."
         names = [k for k in compressed.state_dict() if not k.startswith(layers_prefix)]
         if compressed.config.tie_word_embeddings:
             names = [k for k in names if k != "lm_head.weight"]
@@ -418,26 +419,24 @@ class A3Compressor(OptimumQuantizer):
         return ids, "user-provided token ids"
 
     def _record(self, model, dims: list[LayerDims], calibration: dict, cfg: A3Config) -> dict[str, Any]:
+        """The ``a3_compression`` record of the compressed config (``sizes`` are added once counted)."""
         config_dict = cfg.to_dict()
         config_dict["dataset"] = calibration["dataset"]  # never embed user text in the checkpoint
         per_layer = lambda name: [getattr(d, name) for d in dims]  # noqa: E731
-        return {
-            "method": "a3",
-            "paper": "arXiv:2505.12942",
-            "library": "optimum-a3",
-            "library_version": __version__,
-            "base_model": getattr(model.config, "_name_or_path", None) or None,
-            "base_model_type": model.config.model_type,
-            "ratio": cfg.ratio,
-            "preset": cfg.method,
-            "allocation": cfg.allocation,
-            "mlp_refit": cfg.mlp_refit,
-            "sequential": cfg.sequential,
-            "components": list(cfg.components),
-            "dims": {name: per_layer(name) for name in ("head_dim_qk", "head_dim_vo", "intermediate_size")},
-            "calibration": calibration,
-            "a3_config": config_dict,
-        }
+        return CompressionRecord(
+            library_version=__version__,
+            base_model=getattr(model.config, "_name_or_path", None) or None,
+            base_model_type=model.config.model_type,
+            ratio=cfg.ratio,
+            preset=cfg.method,
+            allocation=cfg.allocation,
+            mlp_refit=cfg.mlp_refit,
+            sequential=cfg.sequential,
+            components=list(cfg.components),
+            dims={name: per_layer(name) for name in ("head_dim_qk", "head_dim_vo", "intermediate_size")},
+            calibration=calibration,
+            a3_config=config_dict,
+        ).to_dict()
 
     @staticmethod
     def _empty_compressed_model(adapter, model, dims, record, materialize: bool = True) -> nn.Module:
@@ -455,9 +454,11 @@ class A3Compressor(OptimumQuantizer):
     @staticmethod
     def _copy_outside_layers(model: nn.Module, compressed: nn.Module) -> None:
         """Embeddings, final norm and lm_head are not touched by A3: copy them (and re-tie)."""
-        state = {k: v for k, v in model.state_dict().items() if not k.startswith("model.layers.")}
+        original_layers = A3Compressor._module_name(model, decoder_layers(model)) + "."
+        compressed_layers = A3Compressor._module_name(compressed, decoder_layers(compressed)) + "."
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith(original_layers)}
         missing, unexpected = compressed.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("model.layers.")]
+        missing = [k for k in missing if not k.startswith(compressed_layers)]
         if compressed.config.tie_word_embeddings:
             missing = [k for k in missing if k != "lm_head.weight"]
             compressed.tie_weights()

@@ -25,8 +25,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .model_card import (CARD_FILE, QUANTIZATION_RECORD, TOKENIZER_FILES, ModelCardError, is_generated_card,
-                         load_config_dict, render_model_card)
+from .model_card import (CARD_FILE, TOKENIZER_FILES, ModelCardError, is_generated_card, load_config_dict,
+                         render_model_card)
+from .records import quantization_record
 from .saving import save_tokenizer
 
 # Remote files a new push replaces as a set: stale shards of an earlier push must not survive next to new ones.
@@ -57,13 +58,13 @@ def check_checkpoint_dir(directory: str | os.PathLike) -> dict:
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{directory} has no config.json: not a saved checkpoint")
     try:
-        config = load_config_dict(directory)
+        config = load_config_dict(directory)  # and its a3_compression record, validated
+        quantization = quantization_record(config)
     except (ValueError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{directory}: {exc}") from exc
-    quantization = config.get(QUANTIZATION_RECORD)
     has_safetensors = any((directory / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json"))
-    if isinstance(quantization, dict):
-        backend = quantization.get("backend")
+    if quantization is not None:
+        backend = quantization.backend
         needed = {"hqq": ["qmodel.pt"], "quanto": ["quanto_qmap.json"]}.get(backend)
         if needed is None:
             raise CheckpointError(f"{directory}: unknown quantization backend {backend!r} in config.json")
@@ -184,7 +185,7 @@ def push_to_hub(model, repo_id: str, *, tokenizer=None, commit_message: str | No
         raise TypeError(f"expected an A3-compressed model (A3LlamaForCausalLM), got {type(model).__name__}")
     with tempfile.TemporaryDirectory(prefix="optimum-a3-push-") as tmp:
         staged = os.path.join(tmp, "checkpoint")
-        if getattr(model.config, QUANTIZATION_RECORD, None) is not None:
+        if quantization_record(model.config) is not None:
             from .quantization import save_quantized
 
             save_quantized(model, staged, tokenizer=tokenizer)  # its own format; save_pretrained cannot

@@ -183,10 +183,10 @@ def _is_quantized_checkpoint(name: str) -> bool:
     a bad name fails with ``from_pretrained``'s own error."""
     from transformers import PretrainedConfig
 
-    from .model_card import QUANTIZATION_RECORD
+    from .records import quantization_record
 
     config_dict, _ = PretrainedConfig.get_config_dict(name)
-    return isinstance(config_dict.get(QUANTIZATION_RECORD), dict)
+    return quantization_record(config_dict) is not None  # a malformed record: RecordError, naming the field
 
 
 def _is_gguf(model) -> bool:

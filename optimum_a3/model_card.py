@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .records import CompressionRecord, QuantizationRecord, compression_record, quantization_record
 from .version import __version__
 
 TEMPLATE_FILE = "a3_model_card.md"
@@ -27,8 +28,6 @@ CARD_MARKER = "<!-- optimum-a3: generated model card; delete this line to keep y
 PAPER = "arXiv:2505.12942"
 PAPER_URL = "https://arxiv.org/abs/2505.12942"
 TAGS = ["a3", "low-rank", "compression", "optimum-a3"]
-# In config.json of a checkpoint written by optimum_a3.quantization.save_quantized: how it was quantized.
-QUANTIZATION_RECORD = "a3_quantization"
 QUANTIZATION_LIBRARIES = {"hqq": "hqq", "quanto": "optimum-quanto"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 COMPONENT_LABELS = {"qk": ("query/key", "head_dim_qk"), "ov": ("value/output", "head_dim_vo"),
@@ -71,7 +70,7 @@ def load_config_dict(source: Any) -> dict:
         if not hasattr(config, "to_dict"):
             raise ModelCardError(f"cannot read a config from {type(source).__name__}")
         config = config.to_dict()
-    if not isinstance(config.get("a3_compression"), dict):
+    if compression_record(config) is None:  # a malformed record raises RecordError, naming the field
         raise ModelCardError("not an A3-compressed checkpoint: its config has no `a3_compression` record")
     if config.get("model_type") == "a3_llama":  # fill in defaults a diff-saved config.json would omit
         from .models.a3_llama import A3LlamaConfig
@@ -84,13 +83,13 @@ def load_config_dict(source: Any) -> dict:
 
 
 # ------------------------------------------------------------------------------------- base model
-def base_model_id(record: dict) -> tuple[str | None, str]:
+def base_model_id(record: CompressionRecord) -> tuple[str | None, str]:
     """``(hub id or None, display name)`` of the base model named in the record.
 
     Local directories are never written to the YAML header (the Hub only knows repo ids); the display name is
     then the directory's base name, or the Hub id of a known offline GGUF base.
     """
-    base = record.get("base_model")
+    base = record.base_model
     if not base:
         return None, "an unrecorded base model"
     base = str(base)
@@ -125,19 +124,19 @@ def _readme_metadata(path: str | None) -> dict | None:
         return None
 
 
-def base_license(record: dict, base_id: str | None, lookup: LicenseLookup | None = None) -> dict:
+def base_license(record: CompressionRecord, base_id: str | None, lookup: LicenseLookup | None = None) -> dict:
     """The base model's license fields (``license`` [+ ``license_name``, ``license_link``]), or ``{}`` if unknown.
 
-    Looked up, in order: the record (``license``), the known offline bases, the base model's own card in its
-    local directory or in the local Hugging Face cache, and finally ``lookup(base_id)`` (e.g. a Hub query when
-    pushing). Nothing is guessed.
+    Looked up, in order: the record (a ``license`` key added to it, kept in ``record.extra``), the known offline
+    bases, the base model's own card in its local directory or in the local Hugging Face cache, and finally
+    ``lookup(base_id)`` (e.g. a Hub query when pushing). Nothing is guessed.
     """
-    if record.get("license"):
-        return _license_fields(record)
+    if record.extra.get("license"):
+        return _license_fields(record.extra)
     for hub_id, license_id in KNOWN_GGUF_BASES.values():
         if base_id == hub_id:
             return {"license": license_id}
-    base = record.get("base_model")
+    base = record.base_model
     if base and os.path.isdir(str(base)):
         found = _license_fields(_readme_metadata(os.path.join(str(base), CARD_FILE)))
         if found:
@@ -160,10 +159,10 @@ def base_license(record: dict, base_id: str | None, lookup: LicenseLookup | None
     return {}
 
 
-def _base_config(record: dict, base_id: str | None) -> dict | None:
+def _base_config(record: CompressionRecord, base_id: str | None) -> dict | None:
     """The base model's config.json when it is available locally (its directory or the HF cache)."""
     candidates = []
-    base = record.get("base_model")
+    base = record.base_model
     if base and os.path.isdir(str(base)):
         candidates.append(os.path.join(str(base), "config.json"))
     if base_id:
@@ -193,7 +192,7 @@ def layer_dims(config: dict) -> dict[str, list[int]]:
     """Compressed ``head_dim_qk``, ``head_dim_vo`` and ``intermediate_size`` of every layer."""
     n = config["num_hidden_layers"]
     head_dim = original_head_dim(config)
-    recorded = config["a3_compression"].get("dims") or {}
+    recorded = compression_record(config).dims
     out = {}
     for name, default in (("head_dim_qk", head_dim), ("head_dim_vo", head_dim),
                           ("intermediate_size", config.get("intermediate_size"))):
@@ -208,11 +207,11 @@ def original_head_dim(config: dict) -> int:
 
 def original_intermediate_size(config: dict, base_id: str | None) -> list[int] | None:
     """The base model's MLP width per layer, when it can be known exactly (else ``None``)."""
-    record = config["a3_compression"]
+    record = compression_record(config)
     n = config["num_hidden_layers"]
-    if "mlp" not in (record.get("components") or ["qk", "ov", "mlp"]):
+    if "mlp" not in (record.components or ["qk", "ov", "mlp"]):
         return layer_dims(config)["intermediate_size"]
-    sizes = record.get("sizes") or {}
+    sizes = record.sizes or {}
     if sizes.get("base_intermediate_size") is not None:
         return _per_layer(sizes["base_intermediate_size"], n)
     base = _base_config(record, base_id)
@@ -249,16 +248,15 @@ def size_figures(config: dict, base_id: str | None = None) -> dict[str, Any]:
     width, which is known when the MLP was not compressed, when the record has it, or when the base config is
     available locally.
     """
-    record = config["a3_compression"]
-    recorded = record.get("sizes") or {}
+    recorded = compression_record(config).sizes or {}
     n = config["num_hidden_layers"]
     dims = layer_dims(config)
     head_dim = original_head_dim(config)
     base_inter = original_intermediate_size(config, base_id)
     # A quantized checkpoint computes, and caches keys/values, in its quantization dtype: the KV figures the
     # record counted in the dtype the model was compressed in do not apply to it.
-    quantization = config.get(QUANTIZATION_RECORD) if isinstance(config.get(QUANTIZATION_RECORD), dict) else {}
-    dtype = quantization.get("dtype") or _dtype(config)
+    quantization = quantization_record(config)
+    dtype = (quantization.dtype if quantization else None) or _dtype(config)
     nbytes = DTYPE_BYTES.get(dtype or "", None)
 
     def pair(key):
@@ -317,14 +315,14 @@ def card_context(source: Any, *, repo_id: str | None = None, license: str | None
                  license_lookup: LicenseLookup | None = None, has_tokenizer: bool = True) -> dict[str, Any]:
     """Everything the template needs, from the checkpoint's config (``source``: see :func:`load_config_dict`)."""
     config = load_config_dict(source)
-    record = config["a3_compression"]
+    record = compression_record(config)
     base_id, base_display = base_model_id(record)
     license_fields = {"license": license} if license else base_license(record, base_id, license_lookup)
     n = config["num_hidden_layers"]
     dims = layer_dims(config)
     head_dim = original_head_dim(config)
     base_inter = original_intermediate_size(config, base_id)
-    components = list(record.get("components") or ["qk", "ov", "mlp"])
+    components = list(record.components or ["qk", "ov", "mlp"])
 
     rows = []
     for component, (label, name) in COMPONENT_LABELS.items():
@@ -355,17 +353,17 @@ def card_context(source: Any, *, repo_id: str | None = None, license: str | None
         sizes_note = ("The base model's MLP width is not in the compression record, so base parameter counts are "
                       "not shown; the compressed counts and the KV-cache figures are exact.")
 
-    calibration = dict(record.get("calibration") or {})
+    calibration = dict(record.calibration or {})
     dataset = calibration.get("dataset")
     calibration.setdefault("seed", None)
     calibration["dataset_text"] = _dataset_text(dataset)
     calibration["tokens_text"] = f"{calibration['tokens']:,}" if calibration.get("tokens") else ""
 
-    evaluation = _evaluation(record.get("evaluation"))
-    recovery = _recovery(record.get("recovery"))
-    quantization = _quantization(config.get(QUANTIZATION_RECORD), source)
-    ratio = record.get("ratio")
-    preset = record.get("preset")
+    evaluation = _evaluation(record.evaluation)
+    recovery = _recovery(record.recovery)
+    quantization = _quantization(quantization_record(config), source)
+    ratio = record.ratio
+    preset = record.preset
     load_id = repo_id or "path/to/this/checkpoint"
     model_name = repo_id.split("/")[-1] if repo_id else f"A3-compressed {base_display}"
     return {
@@ -375,17 +373,17 @@ def card_context(source: Any, *, repo_id: str | None = None, license: str | None
         "repo_id": repo_id,
         "base_id": base_id,
         "base_display": base_display,
-        "base_model_type": record.get("base_model_type") or config.get("model_type"),
+        "base_model_type": record.base_model_type or config.get("model_type"),
         "paper": PAPER,
         "paper_url": PAPER_URL,
-        "library_version": record.get("library_version") or __version__,
+        "library_version": record.library_version or __version__,
         "preset": preset,
         "ratio": ratio,
         "ratio_text": f"{100 * float(ratio):g}%" if ratio is not None else "",
         "components_text": ", ".join(f"{COMPONENT_LABELS[c][0]} (`{c}`)" for c in components if c in COMPONENT_LABELS),
-        "allocation": record.get("allocation"),
-        "sequential": record.get("sequential"),
-        "mlp_refit": record.get("mlp_refit", (record.get("a3_config") or {}).get("mlp_refit")),
+        "allocation": record.allocation,
+        "sequential": record.sequential,
+        "mlp_refit": record.mlp_refit if record.mlp_refit is not None else (record.a3_config or {}).get("mlp_refit"),
         "num_layers": n,
         "dims": rows,
         "per_layer": per_layer,
@@ -456,16 +454,16 @@ def _recovery(rec: Any) -> dict | None:
             "loss_last": f"{rec['loss_last_steps']:.3f}" if rec.get("loss_last_steps") is not None else "?"}
 
 
-def _quantization(rec: Any, source: Any) -> dict | None:
+def _quantization(rec: QuantizationRecord | None, source: Any) -> dict | None:
     """The weight quantization of a checkpoint written by ``optimum_a3.quantization.save_quantized``."""
-    if not isinstance(rec, dict) or rec.get("backend") not in QUANTIZATION_LIBRARIES:
+    if rec is None or rec.backend not in QUANTIZATION_LIBRARIES:
         return None
     groups = []
-    for size, count in (rec.get("group_sizes") or {}).items():
+    for size, count in (rec.group_sizes or {}).items():
         layers = f"{count} layer{'s' if count != 1 else ''}"
         groups.append(f"{layers}: one scale per output channel" if size == "per-channel"
                       else f"{layers}: groups of {size} weights")
-    evaluation = rec.get("evaluation") if isinstance(rec.get("evaluation"), dict) else None
+    evaluation = rec.evaluation
     if evaluation is not None and evaluation.get("ppl") is not None:
         shown = _evaluation({**evaluation, "ppl_compressed": evaluation["ppl"]})
         evaluation = {"source": shown["source"], "windows_text": shown["windows_text"], "ppl": shown["ppl_compressed"]}
@@ -475,11 +473,11 @@ def _quantization(rec: Any, source: Any) -> dict | None:
     if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
         weight_bytes = sum(p.stat().st_size for p in Path(source).iterdir()
                            if p.is_file() and (p.name == "qmodel.pt" or p.suffix == ".safetensors"))
-    bits = rec.get("bits")
-    return {"backend": rec["backend"], "library": QUANTIZATION_LIBRARIES[rec["backend"]],
-            "library_version": rec.get("library_version"), "bits": bits, "axis": rec.get("axis"),
-            "bits_text": f"{bits}-bit" if bits is not None else "low-bit", "dtype": rec.get("dtype"),
-            "skip": "".join(f"`{s}`, " for s in rec.get("skip") or []),
+    bits = rec.bits
+    return {"backend": rec.backend, "library": QUANTIZATION_LIBRARIES[rec.backend],
+            "library_version": rec.library_version, "bits": bits, "axis": rec.axis,
+            "bits_text": f"{bits}-bit" if bits is not None else "low-bit", "dtype": rec.dtype,
+            "skip": "".join(f"`{s}`, " for s in rec.skip or []),
             "groups_text": "; ".join(groups) or "not recorded", "evaluation": evaluation,
             "weight_size": f"{weight_bytes / 1e6:,.1f} MB" if weight_bytes else None}
 

@@ -37,13 +37,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .model_card import QUANTIZATION_RECORD, write_model_card
+from .model_card import write_model_card
+from .records import (QUANTIZATION_KEY, QuantizationRecord, RecordError, compression_record, quantization_record,
+                      set_quantization_record)
 from .saving import model_sources, save_tokenizer, write_atomically
 
 BACKENDS = ("hqq", "quanto")
 BITS = {"hqq": (1, 2, 3, 4, 8), "quanto": (2, 4, 8)}
 DEFAULT_GROUP_SIZE = 64  # the A3 paper's 4-bit setting
-RECORD_KEY = QUANTIZATION_RECORD  # in config.json: how the checkpoint was quantized, read back by load_quantized
 _HQQ_EXTRA_KEY = "__optimum_a3_extra__"  # in hqq's qmodel.pt: the tensors hqq itself does not save
 
 
@@ -105,9 +106,10 @@ def quantize_model(model: nn.Module, backend: str = "hqq", bits: int = 4, group_
     if left:
         raise QuantizationError(f"{backend} left {len(left)} linear layers unquantized, e.g. {left[:3]}")
     compute_dtype = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
-    setattr(model.config, RECORD_KEY, {"backend": backend, "bits": bits, "requested_group_size": group_size,
-                                       "axis": axis, "skip": list(skip), "group_sizes": group_size_counts(model),
-                                       "dtype": compute_dtype, "library_version": _library_version(backend)})
+    # In config.json: how the checkpoint was quantized, read back by load_quantized.
+    set_quantization_record(model.config, QuantizationRecord(
+        backend=backend, bits=bits, requested_group_size=group_size, axis=axis, skip=list(skip),
+        group_sizes=group_size_counts(model), dtype=compute_dtype, library_version=_library_version(backend)))
     return model.eval()
 
 
@@ -156,7 +158,7 @@ def save_quantized(model: nn.Module, save_dir: str | Path, tokenizer=None, overw
     says how to load it). Written atomically, like ``A3Compressor.save``: a failure leaves ``save_dir``
     untouched. Reload with :func:`load_quantized`."""
     backend = quantized_backend(model)
-    if backend is None or not hasattr(model.config, RECORD_KEY):
+    if backend is None or quantization_record(model.config) is None:
         raise QuantizationError("save_quantized expects a model returned by quantize_model or load_quantized")
 
     def writer(tmp: str) -> None:
@@ -169,7 +171,7 @@ def save_quantized(model: nn.Module, save_dir: str | Path, tokenizer=None, overw
             QuantizedModelForCausalLM(model).save_pretrained(tmp)
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp)
-        if getattr(model.config, "a3_compression", None):  # cards describe A3 checkpoints only
+        if compression_record(model.config) is not None:  # cards describe A3 checkpoints only
             write_model_card(None, tmp)
 
     return write_atomically(str(save_dir), writer, overwrite=overwrite, inputs=model_sources(model))
@@ -190,16 +192,20 @@ def load_quantized(save_dir: str | Path, device: str = "cpu", *, revision: str |
             config = json.load(f)
     except (OSError, json.JSONDecodeError) as exc:
         raise QuantizationError(f"{save_dir}: no readable config.json ({exc})") from exc
-    record = config.get(RECORD_KEY)
-    if not isinstance(record, dict) or record.get("backend") not in BACKENDS:
-        raise QuantizationError(f"{save_dir} is not a checkpoint written by save_quantized (no {RECORD_KEY} record)")
-    _require(record["backend"])
-    for name in _REQUIRED_FILES[record["backend"]]:
-        if not os.path.isfile(os.path.join(save_dir, name)):
-            raise QuantizationError(f"{save_dir}: cannot load the {record['backend']} checkpoint: {name} is missing")
     try:
-        if record["backend"] == "hqq":
-            dtype = getattr(torch, record.get("dtype") or "float32")  # config.json's dtype is hqq-stale
+        record = quantization_record(config)
+    except RecordError as exc:
+        raise QuantizationError(f"{save_dir}: {exc}") from exc
+    if record is None or record.backend not in BACKENDS:
+        raise QuantizationError(f"{save_dir} is not a checkpoint written by save_quantized (no {QUANTIZATION_KEY} "
+                                "record)")
+    _require(record.backend)
+    for name in _REQUIRED_FILES[record.backend]:
+        if not os.path.isfile(os.path.join(save_dir, name)):
+            raise QuantizationError(f"{save_dir}: cannot load the {record.backend} checkpoint: {name} is missing")
+    try:
+        if record.backend == "hqq":
+            dtype = getattr(torch, record.dtype or "float32")  # config.json's dtype is hqq-stale
             model = _hqq_model_class().from_quantized(os.path.abspath(save_dir), compute_dtype=dtype, device=device)
         else:
             from optimum.quanto import QuantizedModelForCausalLM
@@ -207,7 +213,7 @@ def load_quantized(save_dir: str | Path, device: str = "cpu", *, revision: str |
             model = QuantizedModelForCausalLM.from_pretrained(save_dir)._wrapped.to(device)
     except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as exc:  # missing, truncated or corrupted files
         detail = f"{exc.filename} is missing or unreadable" if getattr(exc, "filename", None) else _first_line(exc)
-        raise QuantizationError(f"{save_dir}: cannot load the {record['backend']} checkpoint: {detail}") from exc
+        raise QuantizationError(f"{save_dir}: cannot load the {record.backend} checkpoint: {detail}") from exc
     return model.eval()
 
 

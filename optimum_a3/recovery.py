@@ -17,12 +17,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .adapters import adapter_for
 from .calibration import CalibrationDataError, calibration_windows
 from .data import describe_source
 from .quantization import quantized_backend
-
-# Every projection A3 resizes; lm_head/embeddings stay frozen (tied, and the largest matrices).
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from .records import RecordError, compression_record, quantization_record, update_compression_record
 
 
 class RecoveryError(ValueError):
@@ -32,7 +31,7 @@ class RecoveryError(ValueError):
 def recover_with_lora(model: nn.Module, tokenizer=None, dataset: Any = "wikipedia-offline", steps: int = 300,
                       rank: int = 8, alpha: float | None = None, learning_rate: float = 3e-4, seqlen: int = 256,
                       batch_size: int = 1, warmup_steps: int | None = None, seed: int = 0,
-                      target_modules: Sequence[str] = DEFAULT_TARGETS, train_ids: torch.Tensor | None = None,
+                      target_modules: Sequence[str] | None = None, train_ids: torch.Tensor | None = None,
                       autocast_dtype: torch.dtype | None = None, progress: bool = True) -> nn.Module:
     """Fine-tune a copy of an A3 model with LoRA on text, merge the adapters and return it.
 
@@ -53,7 +52,9 @@ def recover_with_lora(model: nn.Module, tokenizer=None, dataset: Any = "wikipedi
         seqlen / batch_size: tokens per window, windows per step.
         warmup_steps: default 10% of ``steps``.
         seed: seed of the window sampling and of the LoRA initialisation.
-        target_modules: names of the linear layers that get adapters.
+        target_modules: names of the linear layers that get adapters (peft ``target_modules``). Default:
+            every projection A3 resizes, as the model family's adapter names them (``lora_targets``);
+            lm_head and the embeddings stay frozen (tied, and the largest matrices).
         train_ids: ``(n, seqlen)`` token ids used instead of ``dataset`` (at least ``steps * batch_size`` rows).
         autocast_dtype: run forward and backward under ``torch.autocast`` in this dtype (e.g.
             ``torch.bfloat16``: about 2x faster on CPUs with AVX512-BF16); weights, adapters and optimizer
@@ -65,6 +66,8 @@ def recover_with_lora(model: nn.Module, tokenizer=None, dataset: Any = "wikipedi
             ``steps * batch_size`` windows.
     """
     _check_model(model)
+    if target_modules is None:
+        target_modules = adapter_for(model, validate=False).lora_targets()
     _check_settings(steps, rank, learning_rate, seqlen, batch_size, warmup_steps)
     windows, source = _training_windows(tokenizer, dataset, train_ids, steps * batch_size, seqlen, seed)
     try:
@@ -82,17 +85,15 @@ def recover_with_lora(model: nn.Module, tokenizer=None, dataset: Any = "wikipedi
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     for name, p in merged.named_parameters():  # peft froze the base weights; hand back the input's flags
         p.requires_grad_(trainable.get(name, True))
-    record = merged.config.a3_compression
-    record.pop("evaluation", None)  # measured on the weights before the fine-tune
     head = max(1, min(10, steps // 10))
-    record["recovery"] = {
+    update_compression_record(merged.config, evaluation=None, recovery={  # evaluation: of the weights before
         "method": "lora", "rank": rank, "alpha": alpha if alpha is not None else 2 * rank,
         "target_modules": list(target_modules), "steps": steps, "batch_size": batch_size, "seqlen": seqlen,
         "learning_rate": learning_rate, "dataset": source, "tokens": steps * batch_size * seqlen, "seed": seed,
         "autocast_dtype": None if autocast_dtype is None else str(autocast_dtype).removeprefix("torch."),
         "loss_first_steps": sum(losses[:head]) / head, "loss_last_steps": sum(losses[-head:]) / head,
         "peft_version": _peft_version(),
-    }
+    })
     return merged
 
 
@@ -111,12 +112,16 @@ def lm_loss(model: nn.Module, token_ids: torch.Tensor, batch_size: int = 1) -> f
 def _check_model(model: nn.Module) -> None:
     config = getattr(model, "config", None)
     # By model_type, not class: a checkpoint reloaded with trust_remote_code has its own class object.
-    record = getattr(config, "a3_compression", None)
-    if getattr(config, "model_type", None) != "a3_llama" or not isinstance(record, dict):
+    try:
+        record = compression_record(config)
+        quantized = quantization_record(config) is not None
+    except RecordError as exc:
+        raise RecoveryError(str(exc)) from exc
+    if getattr(config, "model_type", None) != "a3_llama" or record is None:
         raise RecoveryError(f"recover_with_lora expects an A3 model (from A3Compressor.compress or a saved A3 "
                             f"checkpoint), got {type(model).__name__} (model_type "
                             f"{getattr(config, 'model_type', None)!r})")
-    if getattr(config, "a3_quantization", None) is not None or quantized_backend(model) is not None:
+    if quantized or quantized_backend(model) is not None:
         raise RecoveryError("the model is quantized: fine-tune the float A3 model, then quantize the result "
                             "(merging adapters into quantized weights would re-quantize them)")
     if not any(p.is_floating_point() for p in model.parameters()):
