@@ -35,9 +35,11 @@ def check_output_dir(save_dir: str | os.PathLike, overwrite: bool, inputs: Itera
         if source is None or not str(source).strip() or not os.path.exists(source):
             continue  # a Hub id: nothing local to protect
         source_path = os.path.realpath(source)
-        if _is_within(source_path, target) or _is_within(target, source_path):
-            raise OutputDirError(f"{save_dir} is the input {source}, contains it or lies inside it: "
-                                 "write the result to another directory")
+        relation = ("is" if source_path == target else "contains" if _is_within(source_path, target)
+                    else "lies inside" if _is_within(target, source_path) else None)
+        if relation:
+            raise OutputDirError(f"{save_dir} {relation} the input {source}: write the result to another "
+                                 "directory, outside the input")
     if os.path.isfile(save_dir):
         raise OutputDirError(f"{save_dir} is a file, not a directory")
     if os.path.isdir(save_dir) and os.listdir(save_dir) and not overwrite:

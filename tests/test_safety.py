@@ -209,7 +209,8 @@ def test_an_output_that_is_contains_or_lies_inside_the_input_is_refused(base, ow
         argv += ["--dataset", base / "text.txt", *COMPRESS]
     code, err = _cli(capsys, argv)
     assert code == 2
-    assert "is the input" in _one_error_line(err, command)
+    relation = {"itself": "is", "its parent": "contains", "inside it": "lies inside"}[where]
+    assert f"{relation} the input {own_input}" in _one_error_line(err, command)
     assert _snapshot(own_input.parent) == before
 
 
@@ -234,7 +235,7 @@ def test_api_saves_never_replace_the_model_they_were_loaded_from(own_input, hqq_
     from optimum_a3.quantization import save_quantized
 
     hqq_model.config._name_or_path = str(own_input)  # as if quantized after loading it from there
-    with pytest.raises(OutputDirError, match="is the input"):
+    with pytest.raises(OutputDirError, match="contains the input"):
         save_quantized(hqq_model, own_input.parent, overwrite=True)
     assert _snapshot(own_input) == before
 
