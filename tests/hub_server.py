@@ -12,8 +12,10 @@ download them again (``HEAD``/``GET`` on ``resolve/{revision}/{path}``, ``api/mo
   go to a signed URL handed out by the LFS batch endpoint, downloads of LFS files are ``302`` redirects carrying
   ``X-Linked-Etag`` / ``X-Linked-Size`` / ``X-Repo-Commit``; regular files are served directly with ``ETag`` =
   git blob id;
-* a commit is atomic: it references uploaded LFS objects by sha256, is refused whole if anything is wrong, and
-  moves the branch in one step.
+* a commit is atomic: it references LFS objects uploaded to that repository (LFS storage is per repository) by
+  sha256, is refused whole if anything is wrong, and moves the branch in one step;
+* ``FakeHub.fail`` makes chosen requests fail (a store that refuses the second shard, a commit call that fails),
+  to test a push that breaks half-way.
 
 Not implemented (the client falls back or never calls them in these tests): Xet storage (run the client with
 ``HF_HUB_DISABLE_XET=1``), pull requests, branches other than ``main``, multipart LFS uploads, copies.
@@ -84,11 +86,27 @@ class Repo:
     private: bool
     commits: list[Commit] = field(default_factory=list)
     refs: dict[str, str] = field(default_factory=dict)
+    # LFS objects verified for this repository: git-LFS storage is scoped to a repository, so an object another
+    # repository uploaded is uploaded again (else one test's push would change what the next one sends).
+    lfs_oids: set[str] = field(default_factory=set)
 
     def resolve(self, revision: str) -> Commit | None:
         oid = self.refs.get(revision, revision)
         return next((c for c in self.commits if c.oid == oid or (len(revision) >= 7 and c.oid.startswith(revision))),
                     None)
+
+
+@dataclass
+class Fault:
+    """An injected failure (``FakeHub.fail``); ``seen``/``failed`` count the matching requests and the refused ones."""
+
+    method: str
+    pattern: re.Pattern
+    status: int
+    message: str
+    skip: int = 0
+    seen: int = 0
+    failed: int = 0
 
 
 class HubError(Exception):
@@ -106,6 +124,7 @@ class FakeHub:
         self.repos: dict[str, Repo] = {}
         self.objects: dict[str, bytes] = {}  # LFS storage, by sha256
         self.log: list[tuple[str, str, int]] = []  # (method, path, status) of every request
+        self.faults: list[Fault] = []  # injected failures, see fail()
         self._lock = threading.RLock()
         self._secret = secrets.token_bytes(16)
         self._servers: list[ThreadingHTTPServer] = []
@@ -156,6 +175,26 @@ class FakeHub:
 
     def requests(self, method: str | None = None, contains: str = "") -> list[tuple[str, str, int]]:
         return [r for r in self.log if (method is None or r[0] == method) and contains in r[1]]
+
+    # ---------------------------------------------------------------------- fault injection
+    def fail(self, method: str, path_pattern: str, status: int, message: str, skip: int = 0) -> Fault:
+        """From now on, answer ``method`` requests whose path matches the regex ``path_pattern`` (searched, on
+        either server) with ``status`` and ``message`` (``X-Error-Message``), after letting the first ``skip``
+        through: a connection that drops or a store that refuses mid-upload. ``faults.clear()`` ends it."""
+        fault = Fault(method, re.compile(path_pattern), status, message, skip)
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def _injected_failure(self, method: str, path: str) -> HubError | None:
+        with self._lock:
+            for fault in self.faults:
+                if fault.method == method and fault.pattern.search(path):
+                    fault.seen += 1
+                    if fault.seen > fault.skip:
+                        fault.failed += 1
+                        return HubError(fault.status, fault.message)
+        return None
 
     # ------------------------------------------------------------------------------ helpers
     def sign(self, oid: str, action: str) -> str:
@@ -258,6 +297,9 @@ class _Handler(BaseHTTPRequestHandler):
         path = unquote(urlsplit(self.path).path)
         query = {k: v[0] for k, v in parse_qs(urlsplit(self.path).query).items()}
         try:
+            injected = self.hub._injected_failure(self.command, path)
+            if injected is not None:
+                raise injected
             for method, pattern, handler in self.routes:
                 if method == self.command and (m := re.fullmatch(pattern, path)):
                     return handler(self, query=query, **m.groupdict())
@@ -428,7 +470,7 @@ class _ApiHandler(_Handler):
         self.send_json(200, {"files": files, "commitOid": commit.oid})
 
     def lfs_batch(self, query, repo):
-        self.repo(repo, write=True)
+        repo_obj = self.repo(repo, write=True)
         body = self.read_json()
         if body.get("operation") != "upload":
             raise HubError(400, "only the upload operation is supported")
@@ -442,7 +484,7 @@ class _ApiHandler(_Handler):
                 out["error"] = {"code": 422, "message": f"invalid oid {oid}"}
             elif size > self.hub.max_body:
                 out["error"] = {"code": 422, "message": f"object too large ({size} bytes)"}
-            elif self.hub.objects.get(oid) is None:
+            elif oid not in repo_obj.lfs_oids or self.hub.objects.get(oid) is None:
                 out["actions"] = {
                     "upload": {"href": self.hub.storage_href(oid, "upload"), "expires_in": 3600},
                     "verify": {"href": f"{self.hub.url}/{repo}.git/info/lfs/objects/verify", "header": {}},
@@ -452,11 +494,13 @@ class _ApiHandler(_Handler):
                   content_type="application/vnd.git-lfs+json")
 
     def lfs_verify(self, query, repo):
-        self.repo(repo, write=True)
+        repo_obj = self.repo(repo, write=True)
         body = self.read_json()
         data = self.hub.objects.get(body.get("oid"))
         if data is None or len(data) != int(body.get("size", -1)):
             raise HubError(404, f"object {body.get('oid')} was not uploaded")
+        with self.hub._lock:
+            repo_obj.lfs_oids.add(body["oid"])
         self.send_json(200, {"message": "ok"})
 
     def commit_api(self, query, repo, revision):
@@ -486,7 +530,7 @@ class _ApiHandler(_Handler):
                     files[path] = Entry(content=content, size=len(content))
                 elif key == "lfsFile":
                     data = self.hub.objects.get(value.get("oid"))
-                    if data is None or value.get("algo") != "sha256":
+                    if data is None or value.get("oid") not in repo_obj.lfs_oids or value.get("algo") != "sha256":
                         raise HubError(422, f"LFS object {value.get('oid')} for {path} was never uploaded")
                     if "size" in value and int(value["size"]) != len(data):
                         raise HubError(422, f"size mismatch for {path}")

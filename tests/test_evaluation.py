@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
-from pathlib import Path
 
 import pytest
 import torch
+import offline_assets
+from offline_assets import WIKITEXT2_TEST_SHA256, require_wikitext2_test_file
 from tiny_models import random_token_windows, tiny_llama
 
-from optimum_a3.data import DataSourceError, join_rows
+from optimum_a3.data import DataSourceError, join_rows, load_rows
 from optimum_a3.evaluation import (
     PerplexityResult,
     evaluate_perplexity,
@@ -19,7 +21,6 @@ from optimum_a3.evaluation import (
     wikitext2_test_rows,
 )
 
-WIKITEXT2_TEST = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 SEQLEN = 32
 
 
@@ -144,10 +145,30 @@ def test_evaluate_perplexity_sources(tmp_path):
     assert from_wikitext_path == expected
 
 
-@pytest.mark.skipif(not WIKITEXT2_TEST.is_file(), reason=f"WikiText-2 test file not present at {WIKITEXT2_TEST}")
+def test_missing_wikitext2_file_fails_in_ci_and_skips_elsewhere(monkeypatch, tmp_path):
+    monkeypatch.setattr(offline_assets, "WIKITEXT2_TEST", tmp_path / "absent" / "wiki.test.raw")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI must provide it"):
+        require_wikitext2_test_file()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="not present"):
+        require_wikitext2_test_file()
+
+
+def test_wikitext2_source_reads_the_shared_file_offline(monkeypatch):
+    """``"wikitext2"`` (the CLI's and evaluate_perplexity's default) is the shared file read from the project root,
+    as the quick start runs it: no download (the suite runs with HF_HUB_OFFLINE=1, so an attempt fails here)."""
+    path = require_wikitext2_test_file()
+    monkeypatch.chdir(offline_assets.ROOT)
+    assert load_rows("wikitext2") == wikitext2_test_rows(str(path))
+
+
 def test_local_wikitext2_file():
-    rows = wikitext2_test_rows(str(WIKITEXT2_TEST))
-    with open(WIKITEXT2_TEST, encoding="utf-8") as f:
+    path = require_wikitext2_test_file()
+    # The split the README's figures were measured on, byte for byte (../shared/data/README.md).
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == WIKITEXT2_TEST_SHA256
+    rows = wikitext2_test_rows(str(path))
+    with open(path, encoding="utf-8") as f:
         assert len(rows) == len(f.read().splitlines())
     assert all(row.endswith("\n") for row in rows)  # the README: every row keeps its "\n"
     assert join_rows(rows).startswith(rows[0])

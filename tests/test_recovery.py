@@ -68,6 +68,31 @@ def test_recovered_model_saves_and_reloads(tmp_path, recovered):
     assert reloaded.config.a3_compression["recovery"]["rank"] == 8
 
 
+@pytest.mark.parametrize("backend", ["hqq", "quanto"])
+def test_recovered_model_quantizes_saves_and_reloads_like_any_a3_model(tmp_path, recovered, backend):
+    """README: fine-tune first, quantize after; the merged model quantizes like any A3 model."""
+    from optimum_a3.quantization import load_quantized, quantized_backend, save_quantized
+
+    ids = CALIB[:2, :16]
+    with torch.no_grad():
+        reference = recovered(ids).logits
+    quantized = quantize_model(copy.deepcopy(recovered), backend=backend, bits=4)
+    layers = [m for name, m in quantized.named_modules() if name.endswith(("_proj",))]
+    assert len(layers) == 7 * len(recovered.model.layers) and not any(type(m) is torch.nn.Linear for m in layers)
+    with torch.no_grad():
+        expected = quantized(ids).logits
+    error = ((expected - reference).norm() / reference.norm()).item()
+    assert 0 < error < 0.6  # lossy but close (as in test_quantization): the recovered weights were quantized
+    save_quantized(quantized, tmp_path / "q", tokenizer=tiny_tokenizer())
+    reloaded = load_quantized(tmp_path / "q")
+    assert quantized_backend(reloaded) == backend
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, expected)
+    for old, new in zip(recovered.model.layers, reloaded.model.layers):
+        assert torch.equal(new.self_attn.rope_pairs, old.self_attn.rope_pairs)
+    assert reloaded.config.a3_compression["recovery"] == recovered.config.a3_compression["recovery"]
+
+
 def test_train_ids_replace_text(a3_model):
     ids = random_token_windows(5, 16, seed=3)
     model = recover_with_lora(a3_model, train_ids=ids, steps=5, seqlen=16, rank=2, progress=False)

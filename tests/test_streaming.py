@@ -53,6 +53,119 @@ def test_streamed_checkpoint_equals_in_memory_checkpoint(tmp_path, options):
     assert a == b
 
 
+# Shapes beyond the tied GQA Llama above: an untied lm_head must be the source's own (not the embedding,
+# not omitted), MHA takes the per-head G_z statistics, Qwen2 carries q/k/v biases, Qwen3 keeps q/k and its
+# q/k norms; "text" calibrates from a text dataset through the checkpoint's own tokenizer instead of token ids.
+SHAPES = {
+    "untied-gqa": dict(tie=False),
+    "mha-untied": dict(num_kv_heads=4, tie=False),
+    "mha-tied-paper": dict(num_kv_heads=4, method="paper"),
+    "qwen2-untied": dict(family="qwen2", tie=False),
+    "qwen2-tied-paper": dict(family="qwen2", method="paper"),
+    "qwen3-untied": dict(family="qwen3", tie=False),
+    "text-untied": dict(tie=False, text=True),
+}
+TEXT = [f"Line {i}: a few words of calibration text, the quick brown fox {i * 13}." for i in range(40)]
+
+
+@pytest.mark.filterwarnings("ignore:qk left uncompressed")
+@pytest.mark.parametrize("shape", SHAPES)
+def test_streamed_equals_in_memory_for_every_head_family_and_calibration_source(tmp_path, shape):
+    from safetensors.torch import load_file
+
+    kwargs = dict(SHAPES[shape])
+    method, text = kwargs.pop("method", "default"), kwargs.pop("text", False)
+    src = _source(tmp_path, **kwargs)
+    config = A3Config(ratio=0.25, nsamples=8, seqlen=32, method=method, **({"dataset": TEXT} if text else {}))
+    ids = None if text else CALIBRATION
+    model = AutoModelForCausalLM.from_pretrained(src).eval()
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    compressor = A3Compressor(config)
+    compressor.save(compressor.compress(model, tokenizer, calibration_ids=ids, progress=False), tmp_path / "in_memory",
+                    tokenizer=tokenizer)
+    streamer = A3Compressor(config)
+    streamed = streamer.compress_checkpoint(src, tmp_path / "streamed", calibration_ids=ids, progress=False)
+    a, b = _files(tmp_path / "in_memory"), _files(streamed)
+    assert a == b
+    if text:  # really calibrated on the text (not on ids), through the checkpoint's tokenizer
+        assert streamer.last_calibration["dataset"] == f"{len(TEXT)} user-provided strings"
+        assert compressor.last_calibration == streamer.last_calibration
+
+    # Against the source itself, not only against the other path: the same bug on both paths passes the above.
+    source, written = load_file(src / "model.safetensors"), load_file(Path(streamed) / "model.safetensors")
+    assert torch.equal(written["model.embed_tokens.weight"], source["model.embed_tokens.weight"])
+    assert torch.equal(written["model.norm.weight"], source["model.norm.weight"])
+    if model.config.tie_word_embeddings:
+        assert "lm_head.weight" not in written
+    else:
+        assert not torch.equal(source["lm_head.weight"], source["model.embed_tokens.weight"])
+        assert torch.equal(written["lm_head.weight"], source["lm_head.weight"])
+    reloaded = AutoModelForCausalLM.from_pretrained(streamed, trust_remote_code=True).eval()
+    assert reloaded.config.tie_word_embeddings == model.config.tie_word_embeddings
+    assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight)
+
+
+@pytest.mark.parametrize("method", ["paper", "default"])
+def test_streaming_holds_one_original_and_one_compressed_layer_and_one_shard_at_a_time(tmp_path, monkeypatch, method):
+    """README (Big models): live at any time are the embedding, one original and one compressed layer and at most
+    one output shard; the untied lm_head is only read at the end. Checked at every layer load, layer fill and
+    shard write of a streamed run."""
+    import optimum_a3.compressor as compressor_module
+    from optimum_a3.streaming import LazyLayers, ShardWriter
+
+    src = _source(tmp_path, layers=4, tie=False)
+    models, checks = {}, []
+
+    def materialized(model) -> int:
+        return sum(any(not p.is_meta for p in layer.parameters()) for layer in model.model.layers)
+
+    def check(where, writer=None):
+        original, compressed = models["original"], models.get("compressed")
+        checks.append(where)
+        assert materialized(original) <= 1, where
+        assert compressed is None or materialized(compressed) <= 1, where
+        assert not original.model.embed_tokens.weight.is_meta and original.lm_head.weight.is_meta, where
+        if writer is not None:  # one shard's worth pending (or a single tensor bigger than a shard)
+            assert writer.pending_bytes <= writer.max_bytes or len(writer.pending) == 1, where
+
+    empty_model, empty_compressed = compressor_module.empty_model, A3Compressor._empty_compressed_model
+    fill, load, add = A3Compressor._fill, LazyLayers.load, ShardWriter.add
+
+    def spy_empty_model(*args, **kwargs):  # the skeleton being streamed (built twice when the dtype is read)
+        models["original"] = empty_model(*args, **kwargs)
+        return models["original"]
+
+    def spy_empty_compressed(*args, **kwargs):
+        models["compressed"] = empty_compressed(*args, **kwargs)
+        return models["compressed"]
+
+    def spy_fill(target, state, strict):
+        fill(target, state, strict)
+        check("fill")
+
+    def spy_load(self, idx):
+        load(self, idx)
+        check(f"load {idx}")
+
+    def spy_add(self, tensors):
+        add(self, tensors)
+        check("write", self)
+
+    monkeypatch.setattr(compressor_module, "empty_model", spy_empty_model)
+    monkeypatch.setattr(A3Compressor, "_empty_compressed_model", staticmethod(spy_empty_compressed))
+    monkeypatch.setattr(A3Compressor, "_fill", staticmethod(spy_fill))
+    monkeypatch.setattr(LazyLayers, "load", spy_load)
+    monkeypatch.setattr(ShardWriter, "add", spy_add)
+
+    config = A3Config(ratio=0.25, nsamples=8, seqlen=32, method=method)
+    out = A3Compressor(config).compress_checkpoint(src, tmp_path / "out", calibration_ids=CALIBRATION,
+                                                   progress=False, max_shard_size=20_000)
+    assert len(list(Path(out).glob("model-*.safetensors"))) > 2
+    layers = 4
+    assert checks.count("write") == layers + 1 and checks.count("fill") == layers * (2 if method == "default" else 1)
+    assert all(f"load {i}" in checks for i in range(layers))
+
+
 def test_streamed_shards_reload_like_one_file(tmp_path):
     src = _source(tmp_path, tie=False)
     config = A3Config(ratio=0.25, method="paper", nsamples=8, seqlen=32)
