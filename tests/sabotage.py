@@ -132,6 +132,15 @@ PLANTS: list[Plant] = [
           tests=("tests/test_families.py::test_qwen2_biases_are_carried",),
           why="v_proj bias folded as the mean over heads instead of the sum"),
     # ---- streaming, families, cache, evaluation ----------------------------------------------
+    Plant(name="cache-key-ignores-version", file="optimum_a3/stats_cache.py",
+          old="    h.update(__version__.encode())\n", new="",
+          tests=("tests/test_safety_cache.py::test_the_key_changes_with_the_library_version",
+                 "tests/test_safety_cache.py::test_another_library_version_does_not_reuse_the_entry"),
+          why="the statistics-cache key leaves out the library version"),
+    Plant(name="cache-layers-unchecked", file="optimum_a3/stats_cache.py",
+          old='if weights_digest != self._meta["layers"][idx]["weights"]:', new="if False:",
+          tests=("tests/test_safety_cache.py::test_a_model_differing_in_one_part_does_not_reuse_the_entry",),
+          why="a cache entry is reused for a model whose decoder layers differ"),
     Plant(name="streaming-untied-head-from-embedding", file="optimum_a3/compressor.py",
           old="        return weights.load(names, dtype)\n",
           new="        return {n: weights.load([n.replace('lm_head', 'model.embed_tokens')], dtype)"
