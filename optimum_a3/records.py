@@ -321,22 +321,20 @@ def set_quantization_record(config: Any, record: QuantizationRecord | None) -> N
 def update_compression_record(config: Any, **changes) -> CompressionRecord:
     """Replace fields of the config's ``a3_compression`` record (e.g. ``evaluation={...}``), write it back and
     return it. :class:`RecordError` if the config has no record or a change has the wrong type."""
-    record = compression_record(config)
-    if record is None:
-        raise RecordError(f"the config has no {COMPRESSION_KEY} record to update")
-    record = dataclasses.replace(record, **changes)
-    set_compression_record(config, record)
-    return record
+    return _update(config, compression_record(config), COMPRESSION_KEY, changes)
 
 
 def update_quantization_record(config: Any, **changes) -> QuantizationRecord:
     """Replace fields of the config's ``a3_quantization`` record (e.g. ``evaluation={...}``), write it back and
     return it. :class:`RecordError` if the config has no record or a change has the wrong type."""
-    record = quantization_record(config)
+    return _update(config, quantization_record(config), QUANTIZATION_KEY, changes)
+
+
+def _update(config: Any, record, key: str, changes: dict):
     if record is None:
-        raise RecordError(f"the config has no {QUANTIZATION_KEY} record to update")
+        raise RecordError(f"the config has no {key} record to update")
     record = dataclasses.replace(record, **changes)
-    set_quantization_record(config, record)
+    _store(config, key, record)
     return record
 
 
