@@ -24,12 +24,6 @@ def psd_roots(matrix: torch.Tensor, eig_floor: float = DEFAULT_EIG_FLOOR) -> tup
     return root, inv_root
 
 
-def gram(weight: torch.Tensor, autocorr: torch.Tensor) -> torch.Tensor:
-    """``Wᵀ R W`` for ``W`` of shape (in, out) (or batched (..., in, out)), in float64."""
-    w = weight.to(torch.float64)
-    return w.transpose(-1, -2) @ autocorr.to(torch.float64) @ w
-
-
 def diag_gram(weight: torch.Tensor, autocorr: torch.Tensor) -> torch.Tensor:
     """Diagonal of ``Wᵀ R W`` without forming it: ``E[(xW)_j^2]`` per output column."""
     w = weight.to(torch.float64)
