@@ -6,6 +6,7 @@ from .adapters import UnsupportedModelError, supported_model_types
 from .calibration import CalibrationDataError
 from .compressor import A3Compressor
 from .config import A3Config, A3ConfigError
+from .errors import A3Error
 from .models.a3_llama import A3LlamaConfig, A3LlamaForCausalLM
 from .saving import OutputDirError
 from .statistics import NonFiniteStatisticsError
@@ -19,6 +20,7 @@ __all__ = [
     "A3Compressor",
     "A3Config",
     "A3ConfigError",
+    "A3Error",
     "A3LlamaConfig",
     "A3LlamaForCausalLM",
     "CalibrationDataError",

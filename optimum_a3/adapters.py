@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .errors import A3Error
 from .models.a3_llama import A3LlamaConfig, A3LlamaForCausalLM
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(A3Error, ValueError):
     """The model's architecture has no A3 adapter."""
 
 

@@ -7,13 +7,14 @@ from typing import Any
 import torch
 
 from .data import join_rows, load_rows
+from .errors import A3Error
 
 # Read ~4x more text than strictly needed so sampled windows come from across the source.
 _OVERSAMPLE = 4
 _CHARS_PER_TOKEN_UPPER = 8
 
 
-class CalibrationDataError(ValueError):
+class CalibrationDataError(A3Error, ValueError):
     """Too little (or unusable) calibration data."""
 
 

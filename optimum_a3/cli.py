@@ -419,28 +419,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from huggingface_hub.utils import HFValidationError
 
-    from .adapters import UnsupportedModelError
-    from .calibration import CalibrationDataError
-    from .config import A3ConfigError
-    from .data import DataSourceError
-    from .hub import CheckpointError, HubPushError
-    from .loading import ModelLoadError
-    from .model_card import ModelCardError
-    from .quantization import QuantizationError
-    from .records import RecordError
-    from .recovery import RecoveryError
-    from .saving import OutputDirError
-    from .statistics import NonFiniteStatisticsError
-    from .weight_checks import NonFiniteWeightsError
+    from .errors import A3Error
 
     commands = {"compress": run_compress, "eval": run_eval, "push": run_push, "quantize": run_quantize,
                 "recover": run_recover}
     try:
         result = commands[args.command](args)
-    except (A3ConfigError, UnsupportedModelError, CalibrationDataError, DataSourceError, ModelLoadError,
-            OutputDirError, CheckpointError, HubPushError, ModelCardError, HFValidationError,
-            QuantizationError, RecordError, RecoveryError, NonFiniteWeightsError, NonFiniteStatisticsError,
-            OSError) as exc:
+    except (A3Error, HFValidationError, OSError) as exc:  # the library's own errors, bad ids, unreadable files
         print(f"optimum-a3 {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))

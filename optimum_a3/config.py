@@ -9,13 +9,14 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .budget import LayerDims, uniform_dims
+from .errors import A3Error
 from .linalg import DEFAULT_EIG_FLOOR
 
 COMPONENTS = ("qk", "ov", "mlp")
 DimSpec = int | list[int] | None
 
 
-class A3ConfigError(ValueError):
+class A3ConfigError(A3Error, ValueError):
     """An invalid A3 configuration or a configuration that does not fit the model."""
 
 

@@ -25,6 +25,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from .errors import A3Error
+
 WIKIPEDIA_OFFLINE = "wikipedia-offline"
 WIKIPEDIA_HELDOUT_DOCS = 1000
 WIKITEXT2 = "wikitext2"
@@ -32,7 +34,7 @@ WIKITEXT2 = "wikitext2"
 DEFAULT_WIKITEXT2_TEST_PATH = os.path.join("..", "shared", "data", "wikitext-2-raw", "wiki.test.raw")
 
 
-class DataSourceError(ValueError):
+class DataSourceError(A3Error, ValueError):
     """A text source could not be resolved or is empty."""
 
 

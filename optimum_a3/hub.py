@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .errors import A3Error
 from .model_card import (CARD_FILE, TOKENIZER_FILES, ModelCardError, is_generated_card, load_config_dict,
                          render_model_card)
 from .records import quantization_record
@@ -36,11 +37,11 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.
 DEFAULT_COMMIT_MESSAGE = "Upload A3-compressed model (optimum-a3)"
 
 
-class HubPushError(RuntimeError):
+class HubPushError(A3Error, RuntimeError):
     """A push to the Hub failed; the message is one line and says why (nothing was published)."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(A3Error, ValueError):
     """A directory is not a complete A3 checkpoint."""
 
 

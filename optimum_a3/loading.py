@@ -10,11 +10,13 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from .errors import A3Error
+
 DEFAULT_MODEL = "smollm2-offline"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(A3Error, ValueError):
     """The model specification could not be resolved, or its files (config, weights, tokenizer) are unusable."""
 
 

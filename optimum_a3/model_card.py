@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .errors import A3Error
 from .records import CompressionRecord, QuantizationRecord, compression_record, quantization_record
 from .version import __version__
 
@@ -40,7 +41,7 @@ KNOWN_GGUF_BASES = {"SmolLM2-135M-Instruct.Q4_1.gguf": ("HuggingFaceTB/SmolLM2-1
 LicenseLookup = Callable[[str], "dict | None"]
 
 
-class ModelCardError(ValueError):
+class ModelCardError(A3Error, ValueError):
     """The object is not an A3-compressed checkpoint, or the card template is missing."""
 
 

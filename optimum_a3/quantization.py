@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import A3Error
 from .model_card import write_model_card
 from .records import (QUANTIZATION_KEY, QuantizationRecord, RecordError, compression_record, quantization_record,
                       set_quantization_record)
@@ -48,7 +49,7 @@ DEFAULT_GROUP_SIZE = 64  # the A3 paper's 4-bit setting
 _HQQ_EXTRA_KEY = "__optimum_a3_extra__"  # in hqq's qmodel.pt: the tensors hqq itself does not save
 
 
-class QuantizationError(ValueError):
+class QuantizationError(A3Error, ValueError):
     """Bad quantization settings, a model the backend cannot quantize, or a directory that is not a
     checkpoint written by :func:`save_quantized`."""
 

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from .errors import A3Error
 from .version import __version__
 
 COMPRESSION_KEY = "a3_compression"  # config.json key of the CompressionRecord
@@ -36,7 +37,7 @@ PAPER = "arXiv:2505.12942"
 LIBRARY = "optimum-a3"
 
 
-class RecordError(ValueError):
+class RecordError(A3Error, ValueError):
     """A config's ``a3_compression`` / ``a3_quantization`` record is malformed (the message names the field)."""
 
 

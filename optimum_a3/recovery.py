@@ -20,11 +20,12 @@ from tqdm.auto import tqdm
 from .adapters import adapter_for
 from .calibration import CalibrationDataError, calibration_windows
 from .data import describe_source
+from .errors import A3Error
 from .quantization import quantized_backend
 from .records import RecordError, compression_record, quantization_record, update_compression_record
 
 
-class RecoveryError(ValueError):
+class RecoveryError(A3Error, ValueError):
     """Bad recovery settings, a model that is not a float A3 model, or too little training text."""
 
 

@@ -10,8 +10,10 @@ import socket
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 
+from .errors import A3Error
 
-class OutputDirError(FileExistsError):
+
+class OutputDirError(A3Error, FileExistsError):
     """The output directory is not empty and overwriting was not asked for."""
 
 

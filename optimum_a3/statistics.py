@@ -26,10 +26,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import A3Error
 from .linalg import add_gram_upper_, mirror_gram_upper_
 
 
-class NonFiniteStatisticsError(RuntimeError):
+class NonFiniteStatisticsError(A3Error, RuntimeError):
     """Calibration produced NaN/Inf statistics (overflowing activations or a broken model)."""
 
 

@@ -10,8 +10,10 @@ from collections.abc import Iterable
 
 import torch
 
+from .errors import A3Error
 
-class NonFiniteWeightsError(ValueError):
+
+class NonFiniteWeightsError(A3Error, ValueError):
     """A weight holds NaN or Inf values."""
 
 

@@ -237,3 +237,24 @@ def test_help_documents_every_command(capsys):
         assert "examples:" in text and f"optimum-a3 {sub}" in text
     help_text = build_parser().format_help()
     assert "trust_remote_code=True" in help_text and "HF_TOKEN" in help_text
+
+
+def test_every_library_error_is_an_a3error_and_keeps_its_standard_base():
+    """The CLI catches A3Error: each error the library raises on purpose must be one (and stay what it was)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import optimum_a3
+    from optimum_a3.errors import A3Error
+
+    found = {}
+    for info in pkgutil.iter_modules(optimum_a3.__path__):
+        module = importlib.import_module(f"optimum_a3.{info.name}")
+        for name, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ == module.__name__ and issubclass(cls, Exception) and name.endswith("Error"):
+                found[name] = cls
+    assert len(found) >= 15, sorted(found)
+    assert all(issubclass(cls, A3Error) for cls in found.values()), [n for n, c in found.items() if not issubclass(c, A3Error)]
+    assert issubclass(found["OutputDirError"], FileExistsError) and issubclass(found["HubPushError"], RuntimeError)
+    assert issubclass(found["A3ConfigError"], ValueError) and issubclass(found["NonFiniteStatisticsError"], RuntimeError)
