@@ -410,7 +410,9 @@ def run_recover(args) -> dict:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    from .errors import one_line
+
+    text = one_line(exc)
     return text if len(text) <= 400 else text[:397] + "..."
 
 

@@ -5,3 +5,8 @@ also keeps its standard base (``ValueError``, ``FileExistsError``, ``RuntimeErro
 
 class A3Error(Exception):
     """An error optimum-a3 raises on purpose; its message is one line that says what to do."""
+
+
+def one_line(exc: BaseException) -> str:
+    """``exc``'s message on one line (whitespace runs collapsed), or its type name when it has none."""
+    return " ".join(str(exc).split()) or type(exc).__name__

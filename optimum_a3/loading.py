@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from .errors import A3Error
+from .errors import A3Error, one_line
 
 DEFAULT_MODEL = "smollm2-offline"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -157,7 +157,7 @@ def _from_pretrained_checked(name: str, config_dict: dict, dtype, **kwargs):
         model, info = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto", output_loading_info=True,
                                                            ignore_mismatched_sizes=True, **kwargs)
     except SafetensorError as exc:
-        raise ModelLoadError(f"{name}: a weight file is not readable safetensors ({_one_line(exc)}): it is "
+        raise ModelLoadError(f"{name}: a weight file is not readable safetensors ({one_line(exc)}): it is "
                              "truncated or damaged") from None
     _refuse(_loading_info_problem(info), name, config_dict, model.config)
     return model
@@ -176,7 +176,7 @@ def load_tokenizer(name: str, **kwargs):
         if os.path.isdir(name) and not any(os.path.isfile(os.path.join(name, f)) for f in TOKENIZER_FILES):
             raise ModelLoadError(f"{name} has no tokenizer ({', '.join(TOKENIZER_FILES)}): copy the base model's "
                                  "tokenizer files into it") from None
-        raise ModelLoadError(f"{name}: the tokenizer could not be loaded ({_one_line(exc)})") from None
+        raise ModelLoadError(f"{name}: the tokenizer could not be loaded ({one_line(exc)})") from None
 
 
 def _is_quantized_checkpoint(name: str) -> bool:
@@ -198,10 +198,6 @@ def _is_gguf(model) -> bool:
 
 
 # ------------------------------------------------------------------ config.json and weights agree
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def config_path(name: str) -> str:
     """Where ``name``'s config.json is (a Hub id gives ``namespace/name/config.json``: still the file meant)."""
     return os.path.join(name, CONFIG_FILE)
@@ -248,7 +244,7 @@ def load_checked_config(name: str, trust_remote_code: bool = False):
                 raise  # remote_code_refused words it
             defaults = _default_config(config_dict["model_type"])
             raise ModelLoadError(f"{path} is not a valid {config_dict['model_type']} configuration "
-                                 f"({_one_line(exc)}){_absent_keys_hint(config_dict, defaults, SHAPE_KEYS)}") from None
+                                 f"({one_line(exc)}){_absent_keys_hint(config_dict, defaults, SHAPE_KEYS)}") from None
     return config, config_dict
 
 

@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .errors import one_line
 from .loading import ModelLoadError, check_config_describes_weights, load_checked_config, remote_code_refused
 from .weight_checks import check_tensors_written, check_weights_read
 
@@ -91,7 +92,7 @@ class CheckpointWeights:
             with safe_open(path, framework="pt") as f:
                 yield f
         except SafetensorError as exc:
-            raise ModelLoadError(f"{path} is not a readable safetensors file ({' '.join(str(exc).split())}): "
+            raise ModelLoadError(f"{path} is not a readable safetensors file ({one_line(exc)}): "
                                  "it is truncated or damaged; download or copy it again") from None
         except FileNotFoundError:
             raise ModelLoadError(f"{path} is missing (listed in {INDEX_FILE})") from None
