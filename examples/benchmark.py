@@ -38,12 +38,12 @@ import torch
 from safetensors.torch import save_model
 
 from optimum_a3 import A3Compressor, A3Config
-from optimum_a3.baselines import collect_input_gram, compress_plain_svd, compress_svd_llm
-from optimum_a3.budget import decoder_linear_params, kv_cache_bytes_per_token, total_params
-from optimum_a3.calibration import calibration_windows
-from optimum_a3.data import load_rows
-from optimum_a3.evaluation import perplexity, tokenize_rows, wikitext2_test_rows
-from optimum_a3.loading import load_model_and_tokenizer
+from optimum_a3.integrations.baselines import collect_input_gram, compress_plain_svd, compress_svd_llm
+from optimum_a3.math.budget import decoder_linear_params, kv_cache_bytes_per_token, total_params
+from optimum_a3.calibration.windows import calibration_windows
+from optimum_a3.calibration.text import load_rows
+from optimum_a3.integrations.evaluation import perplexity, tokenize_rows, wikitext2_test_rows
+from optimum_a3.checkpoint.loading import load_model_and_tokenizer
 
 
 # A3 rows: the paper, each beyond-the-paper option alone, the library default (sequential calibration),

@@ -25,10 +25,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from optimum_a3 import A3Compressor, A3Config
-from optimum_a3.evaluation import perplexity, tokenize_rows, wikitext2_test_rows
-from optimum_a3.loading import load_model_and_tokenizer
-from optimum_a3.quantization import inference_mode_as_no_grad, load_quantized, quantize_model, save_quantized
-from optimum_a3.recovery import recover_with_lora
+from optimum_a3.integrations.evaluation import perplexity, tokenize_rows, wikitext2_test_rows
+from optimum_a3.checkpoint.loading import load_model_and_tokenizer
+from optimum_a3.integrations.quantization import inference_mode_as_no_grad, load_quantized, quantize_model, save_quantized
+from optimum_a3.integrations.recovery import recover_with_lora
 
 WEIGHT_FILES = ("*.safetensors", "*.pt", "*.bin")
 SECTIONS = ("dense", "a3", "lora")

@@ -80,7 +80,7 @@ def run(mode: str, args, out: Path | None = None, ratio: float | None = None, me
 
 
 def export_dense(directory: Path) -> None:
-    from optimum_a3.loading import load_model_and_tokenizer
+    from optimum_a3.checkpoint.loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer("smollm2-offline")  # GGUF, dequantized to float32
     model.save_pretrained(directory)

@@ -2,14 +2,14 @@
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .adapters import UnsupportedModelError, supported_model_types
-from .calibration import CalibrationDataError
+from .models.adapters import UnsupportedModelError, supported_model_types
+from .calibration.windows import CalibrationDataError
 from .compressor import A3Compressor
 from .config import A3Config, A3ConfigError
 from .errors import A3Error
 from .models.a3_llama import A3LlamaConfig, A3LlamaForCausalLM
-from .saving import OutputDirError
-from .statistics import NonFiniteStatisticsError
+from .checkpoint.saving import OutputDirError
+from .pipeline.statistics import NonFiniteStatisticsError
 from .version import __version__
 
 # With the package installed, checkpoints also load without trust_remote_code.

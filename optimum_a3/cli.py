@@ -32,7 +32,7 @@ QUANTIZE_EXAMPLES = """\
   # optimum-quanto int4 instead (safetensors; quanto picks the group size)
   optimum-a3 quantize outputs/smollm2-a3-20 --output outputs/smollm2-a3-20-quanto4 --backend quanto
 
-  Reload in Python with optimum_a3.quantization.load_quantized(DIR).
+  Reload in Python with optimum_a3.integrations.quantization.load_quantized(DIR).
 """
 RECOVER_EXAMPLES = """\
   # 300 LoRA steps (rank 8) on the offline Wikipedia text, merged, saved as a plain A3 checkpoint
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = _add_command(sub, "eval", "perplexity of a model (the GPTQ / SVD-LLM / A3 protocol)",
                      "Perplexity of MODEL on non-overlapping windows of SOURCE (the GPTQ / SVD-LLM / A3 protocol). "
                      "A3 checkpoints load with this library's own model class, quantized ones (`optimum-a3 "
-                     "quantize`) with optimum_a3.quantization.load_quantized; code shipped with a model runs only "
+                     "quantize`) with optimum_a3.integrations.quantization.load_quantized; code shipped with a model runs only "
                      "with --trust-remote-code.", EVAL_EXAMPLES)
     e.add_argument("model", help="compressed checkpoint directory, hub id, .gguf file or 'smollm2-offline'")
     e.add_argument("--source", default="wikitext2",
@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = _add_command(sub, "quantize", "4-bit weight quantization of a (compressed) checkpoint (hqq or optimum-quanto)",
                      "Quantize the decoder linears of MODEL (an A3 checkpoint or any causal LM) and save it in the "
-                     "backend's format, with a model card saying how to load it (optimum_a3.quantization.load_quantized, "
+                     "backend's format, with a model card saying how to load it (optimum_a3.integrations.quantization.load_quantized, "
                      "`optimum-a3 eval`); `optimum-a3 push` publishes it. Needs the 'quant' extra.", QUANTIZE_EXAMPLES)
     q.add_argument("model", help="checkpoint directory, hub id, .gguf file or 'smollm2-offline'")
     _add_output_options(q)
@@ -214,7 +214,7 @@ def _add_eval_after_options(p: argparse.ArgumentParser, help_text: str) -> None:
 
 
 def _ppl(model, tokenizer, source, args) -> float:
-    from .evaluation import evaluate_perplexity
+    from .integrations.evaluation import evaluate_perplexity
 
     return evaluate_perplexity(model, tokenizer, source, seqlen=args.eval_seqlen, batch_size=args.eval_batch_size,
                                max_windows=args.eval_windows).ppl
@@ -224,7 +224,7 @@ def _check_model_spec(spec: str) -> None:
     """Refuse early a model that is neither an existing path nor a valid Hub id (no network involved)."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    from .loading import DEFAULT_MODEL, ModelLoadError
+    from .checkpoint.loading import DEFAULT_MODEL, ModelLoadError
 
     if spec == DEFAULT_MODEL or os.path.exists(spec):
         return
@@ -245,9 +245,9 @@ def _log(message: str) -> None:
 def run_compress(args) -> dict:
     from .compressor import A3Compressor
     from .config import A3Config
-    from .loading import load_model_and_tokenizer
-    from .records import compression_record, update_compression_record
-    from .saving import check_output_dir
+    from .checkpoint.loading import load_model_and_tokenizer
+    from .checkpoint.records import compression_record, update_compression_record
+    from .checkpoint.saving import check_output_dir
 
     config = A3Config(
         ratio=args.ratio, head_dim_qk=args.head_dim_qk, head_dim_vo=args.head_dim_vo,
@@ -259,7 +259,7 @@ def run_compress(args) -> dict:
     check_output_dir(args.output, args.overwrite, inputs=[args.model])  # before any expensive work
     _check_model_spec(args.model)
     if args.push_to_hub:
-        from .hub import check_hub_access
+        from .checkpoint.hub import check_hub_access
 
         user = check_hub_access(args.push_to_hub, token=args.token)  # a bad token fails now, not after compressing
         _log(f"Hub token accepted (user {user}); will push to {args.push_to_hub}")
@@ -303,8 +303,8 @@ def run_compress(args) -> dict:
 def _use_streaming(args) -> bool:
     """--low-memory: explicit, or automatic for safetensors checkpoints when nothing needs the whole model."""
     from .config import A3ConfigError
-    from .loading import DEFAULT_MODEL
-    from .streaming import has_safetensors
+    from .checkpoint.loading import DEFAULT_MODEL
+    from .checkpoint.weights import has_safetensors
 
     local_safetensors = os.path.isdir(args.model) and has_safetensors(args.model)
     streamable = local_safetensors or not (args.model == DEFAULT_MODEL or os.path.exists(args.model))
@@ -320,8 +320,8 @@ def _use_streaming(args) -> bool:
 
 
 def run_eval(args) -> dict:
-    from .loading import load_model_and_tokenizer
-    from .quantization import inference_mode_as_no_grad
+    from .checkpoint.loading import load_model_and_tokenizer
+    from .integrations.quantization import inference_mode_as_no_grad
 
     _check_model_spec(args.model)
     model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
@@ -330,7 +330,7 @@ def run_eval(args) -> dict:
 
 
 def _push(directory: str, repo_id: str, args, after_save: bool = False) -> dict:
-    from .hub import HubPushError, check_checkpoint_dir, push_folder_to_hub
+    from .checkpoint.hub import HubPushError, check_checkpoint_dir, push_folder_to_hub
 
     check_checkpoint_dir(directory)
     files = [os.path.join(root, name) for root, _, names in os.walk(directory) for name in names]
@@ -356,10 +356,10 @@ def run_push(args) -> dict:
 def run_quantize(args) -> dict:
     import torch
 
-    from .loading import load_model_and_tokenizer
-    from .quantization import inference_mode_as_no_grad, quantize_model, save_quantized
-    from .records import quantization_record, update_quantization_record
-    from .saving import check_output_dir
+    from .checkpoint.loading import load_model_and_tokenizer
+    from .integrations.quantization import inference_mode_as_no_grad, quantize_model, save_quantized
+    from .checkpoint.records import quantization_record, update_quantization_record
+    from .checkpoint.saving import check_output_dir
 
     check_output_dir(args.output, args.overwrite, inputs=[args.model])  # before any expensive work
     _check_model_spec(args.model)
@@ -382,10 +382,10 @@ def run_recover(args) -> dict:
 
     from .compressor import A3Compressor
     from .config import A3Config
-    from .loading import load_model_and_tokenizer
-    from .records import compression_record, update_compression_record
-    from .recovery import recover_with_lora
-    from .saving import check_output_dir
+    from .checkpoint.loading import load_model_and_tokenizer
+    from .checkpoint.records import compression_record, update_compression_record
+    from .integrations.recovery import recover_with_lora
+    from .checkpoint.saving import check_output_dir
 
     check_output_dir(args.output, args.overwrite, inputs=[args.model])  # before any expensive work
     _check_model_spec(args.model)

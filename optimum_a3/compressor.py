@@ -2,38 +2,26 @@
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import os
-import time
-import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 from optimum.quantization_base import OptimumQuantizer
 from torch import nn
 
-from .adapters import adapter_for, decoder_layers
-from .allocation import layer_tracks, mixed_dims
-from .budget import LayerDims, decoder_linear_params, kv_cache_bytes_per_token, total_params
-from .calibration import calibration_windows
-from .config import _DIM_FIELDS, A3Config, A3ConfigError
-from .data import describe_source
-from .layer_solver import mlp_kept_channels, solve_attention, solve_layer, solve_mlp
-from .model_card import write_model_card
+from .calibration.text import describe_source
+from .calibration.windows import calibration_windows
+from .checkpoint.saving import check_output_dir, model_sources, write_atomically
+from .checkpoint.shards import ShardWriter
+from .checkpoint.weight_checks import check_tensors_written
+from .checkpoint.weights import resolve_checkpoint_dir, return_large_frees_to_the_os, streamed_model
+from .checkpoint.writer import save_model, write_checkpoint_files
+from .config import A3Config, A3ConfigError
 from .models.a3_llama import A3LlamaConfig, A3LlamaForCausalLM
-from .records import CompressionRecord, update_compression_record
-from .saving import check_output_dir, model_sources, save_tokenizer, write_atomically
-from .statistics import LayerStatistics, stream_layer_statistics
-from .stats_cache import LayerDigestChain, StaleCacheEntry, StatisticsCache, statistics_key, tensor_digest
-from .streaming import (CheckpointWeights, LazyLayers, ShardWriter, empty_model, materialize, move_buffers,
-                        resolve_checkpoint_dir, return_large_frees_to_the_os)
-from .version import __version__
-from .weight_checks import check_tensors_written, check_weights_read
-
-# Below this many calibration tokens per MLP channel the down_proj refit is skipped (see compress).
-MIN_TOKENS_PER_CHANNEL_FOR_REFIT = 2
+from .models.adapters import adapter_for
+from .pipeline.loop import ResidentLayers
+from .pipeline.run import Calibration, CompressionResult, StatisticsRun, run_compression
+from .pipeline.sinks import ModelSink, ShardSink
+from .pipeline.statistics import LayerStatistics
 
 # save_pretrained writes `auto_map` and copies the self-contained modeling files for these classes.
 A3LlamaConfig.register_for_auto_class()
@@ -62,12 +50,30 @@ class A3Compressor(OptimumQuantizer):
         elif kwargs:
             raise TypeError("pass either an A3Config or keyword arguments, not both")
         self.config = config
-        self.last_timings: dict[str, float] = {}
-        self.last_statistics: list[LayerStatistics] | None = None
-        self.last_calibration: dict | None = None
-        self.last_effective_config: A3Config | None = None
+        self.last_result: CompressionResult | None = None
         self._model = None
         self._tokenizer = None
+
+    # What the last compress() / compress_checkpoint() reported (see CompressionResult).
+    @property
+    def last_timings(self) -> dict:
+        """``total_s``, ``solve_s``, ``calibration_forward_s`` and ``stats_cache_hit`` of the last run."""
+        return self.last_result.timings if self.last_result else {}
+
+    @property
+    def last_statistics(self) -> StatisticsRun | None:
+        """The per-layer statistics of the last run, if it was asked to keep them (``keep_statistics``)."""
+        return self.last_result.statistics if self.last_result else None
+
+    @property
+    def last_calibration(self) -> dict | None:
+        """The calibration record of the last run (dataset, windows, tokens, seed)."""
+        return self.last_result.calibration if self.last_result else None
+
+    @property
+    def last_effective_config(self) -> A3Config | None:
+        """The config the last run used: the method's values filled in, unsupported components dropped."""
+        return self.last_result.config if self.last_result else None
 
     # ------------------------------------------------------------------------------ compress
     def compress(self, model: nn.Module, tokenizer=None, calibration_ids: torch.Tensor | None = None,
@@ -89,12 +95,12 @@ class A3Compressor(OptimumQuantizer):
 
         To compress a checkpoint larger than memory, use :meth:`compress_checkpoint`.
         """
-        run = functools.partial(self._compress, model, tokenizer, calibration_ids, progress, statistics,
-                                keep_statistics, stats_cache)
-        try:
-            return run()
-        except StaleCacheEntry:  # deleted, with a warning: start again, computing the statistics
-            return run(reuse_cache=False)
+        layers = ResidentLayers(adapter_for(model).layers(model))
+        calibration = lambda: self._calibration(model, tokenizer, calibration_ids, statistics)  # noqa: E731
+        self.last_result = run_compression(
+            self.config, model, calibration, layers, ModelSink,
+            statistics=statistics, stats_cache=stats_cache, progress=progress, keep_statistics=keep_statistics)
+        return self.last_result.model
 
     def compress_checkpoint(self, model_path: str | Path, save_dir: str | Path, tokenizer=None, *,
                             overwrite: bool = False, progress: bool = True,
@@ -109,7 +115,7 @@ class A3Compressor(OptimumQuantizer):
         shard (``max_shard_size``) — not the model. The checkpoint is the same, tensor for tensor, as
         ``save(compress(model))`` on the loaded model. It is written atomically like :meth:`save`.
         On Linux/glibc it sets malloc's mmap threshold to 1 MiB for the process, so that freed
-        activations leave memory (see :func:`optimum_a3.streaming.return_large_frees_to_the_os`).
+        activations leave memory (see :func:`optimum_a3.checkpoint.weights.return_large_frees_to_the_os`).
 
         Args:
             model_path: a local directory with ``model.safetensors`` (or an index of shards) or a Hub id.
@@ -119,351 +125,49 @@ class A3Compressor(OptimumQuantizer):
             other arguments: as :meth:`compress` and :meth:`save`.
         Returns the path of the saved checkpoint.
         """
-        from .loading import load_tokenizer, remote_code_refused
+        from .checkpoint.loading import load_tokenizer, remote_code_refused
 
         save_dir = str(save_dir)
         check_output_dir(save_dir, overwrite, inputs=[model_path])  # before any download or expensive work
         directory = resolve_checkpoint_dir(str(model_path))
         return_large_frees_to_the_os()  # else freed activations stay resident (see its docstring)
-        weights = CheckpointWeights(directory)
-        # Refuses unwanted remote code, and a config.json that does not describe the weights.
-        model = empty_model(directory, dtype or torch.float32, trust_remote_code)
+        # Refuses unwanted remote code, unsupported architectures, and a config.json that does not describe
+        # the weights, before reading any weight.
+        model, lazy = streamed_model(directory, dtype, torch.device(self.config.device or "cpu"), trust_remote_code)
         if tokenizer is None:
             with remote_code_refused(directory):
                 tokenizer = load_tokenizer(directory, trust_remote_code=trust_remote_code)
-        if dtype is None and isinstance(getattr(model.config, "dtype", None), torch.dtype):
-            model = empty_model(directory, model.config.dtype, trust_remote_code)
-        dtype = model.dtype
-        adapter_for(model)  # refuse unsupported architectures before reading any weight
-        device = torch.device(self.config.device or "cpu")
-        move_buffers(model, device)
-        names = {module: name for name, module in model.named_modules()}
-        embeddings = model.get_input_embeddings()
-        materialize(embeddings, names[embeddings] + ".", weights, dtype, device)
-        if getattr(model.config, "tie_word_embeddings", False):
-            model.tie_weights()  # lm_head shares the materialised embedding again (counted once)
-        layers = adapter_for(model).layers(model)
-        lazy = LazyLayers(layers, names[layers] + ".", weights, dtype, device)
+        calibration = lambda: self._calibration(model, tokenizer, calibration_ids, None)  # noqa: E731
 
         def write(tmp: str) -> None:
-            run = functools.partial(self._compress, model, tokenizer, calibration_ids, progress, None, False,
-                                    stats_cache, lazy=lazy, weights=weights)
-            writer = ShardWriter(tmp, max_shard_size)
-            try:
-                compressed = run(writer=writer)
-            except StaleCacheEntry:  # deleted, with a warning: start again, computing the statistics
-                self._discard_partial_output(writer, lazy)
-                writer = ShardWriter(tmp, max_shard_size)
-                compressed = run(writer=writer, reuse_cache=False)
-            writer.finish(total_parameters=total_params(compressed))
-            self._write_files(compressed, tmp, tokenizer)
+            shards = ShardWriter(tmp, max_shard_size)
+            self.last_result = run_compression(self.config, model, calibration, lazy, lambda: ShardSink(shards, lazy.weights),
+                                               stats_cache=stats_cache, progress=progress)
+            write_checkpoint_files(self.last_result.model, tmp, tokenizer, shards)
 
         return write_atomically(save_dir, write, overwrite=overwrite, inputs=[model_path, directory])
 
-    def _compress(self, model, tokenizer, calibration_ids, progress, statistics, keep_statistics, stats_cache,
-                  lazy: LazyLayers | None = None, writer: ShardWriter | None = None,
-                  weights: CheckpointWeights | None = None, reuse_cache: bool = True) -> nn.Module:
-        """The one pipeline. In memory (``lazy``/``writer`` None) the compressed model is built whole;
-        streaming, original layers are materialised by ``lazy`` and compressed ones handed to ``writer``.
-        With ``stats_cache``, a cached entry is read only if ``reuse_cache``; one found not to match this
-        model or damaged mid-way raises :class:`StaleCacheEntry` (the callers start again without it)."""
-        adapter = adapter_for(model)
-        check_weights_read(model)  # what is in memory now; ``lazy`` checks each layer as it reads it
-        cfg = self._restricted_to(adapter, self.config)
-        geometry = adapter.geometry(model)
-        dims = cfg.layer_dims(geometry.num_layers, geometry.head_dim, geometry.intermediate_size, rope=geometry.rope)
-        torch.manual_seed(cfg.seed)
-        if statistics is None:
-            calibration_ids, source = self._calibration_ids(tokenizer, calibration_ids,
-                                                            getattr(model.config, "max_position_embeddings", None))
-            calibration = {"dataset": source, "nsamples": int(calibration_ids.shape[0]),
-                           "seqlen": int(calibration_ids.shape[1]), "tokens": int(calibration_ids.numel())}
-        else:
-            if len(statistics) != geometry.num_layers:
-                raise ValueError(f"statistics cover {len(statistics)} layers, the model has {geometry.num_layers}")
-            calibration = dict(self.last_calibration or {"dataset": "reused statistics"})
-        calibration["seed"] = cfg.seed
-        tokens = statistics[0].num_tokens if statistics else calibration["tokens"]
-        cfg = self._without_ill_posed_refit(cfg, tokens, geometry)
-        want_head = geometry.is_mha and "ov" in cfg.components
-        if statistics is not None or stats_cache is not None:
-            if cfg.sequential:
-                raise A3ConfigError("sequential calibration cannot reuse statistics (they depend on the compressed "
-                                    "layers): use method='paper' or sequential=False")
-        if statistics is not None and cfg.mlp_refit and statistics[0].down_input_autocorr is None:
-            raise ValueError("mlp_refit needs statistics collected with mlp_refit=True (the down_proj autocorrelation)")
-
-        cache, cache_writer, cache_hit = None, None, False
-        weight_chain = LayerDigestChain()  # the cache entry's check of the decoder layers, fed as they are read
-        if statistics is None and stats_cache is not None:
-            key = statistics_key(model.config.to_dict(), self._embedding_digest(model), calibration_ids)
-            cache = StatisticsCache(str(stats_cache), key)
-            cache_hit = reuse_cache and cache.covers(geometry.num_layers, want_head, cfg.mlp_refit)
-        propagate = {} if cfg.sequential else None
+    def _calibration(self, model: nn.Module, tokenizer, calibration_ids, statistics) -> Calibration:
+        """The calibration windows and their record: tokenized from ``config.dataset``, given as token ids,
+        or those of the reused ``statistics`` (no windows needed)."""
         if statistics is not None:
-            layer_stats = enumerate(statistics)
-        elif cache_hit:
-            layer_stats = ((idx, cache.load(idx)) for idx in range(geometry.num_layers))
-        else:
-            layer_stats = stream_layer_statistics(
-                model, adapter, calibration_ids, batch_size=cfg.batch_size, want_head_autocorr=want_head,
-                want_down_autocorr=cfg.mlp_refit, device=cfg.device, progress=progress, propagate=propagate,
-                layer_loader=lazy, hold_mlp_intermediate=cfg.hold_mlp_intermediate,
-            )
-            if cache is not None:
-                cache_writer = cache.writer(geometry.num_layers, calibration)
-
-        if cfg.allocation == "mixed":
-            # Every layer's statistics are needed before any dim can be chosen.
-            layer_stats = list(layer_stats)
-            dims = self._mixed_dims(adapter, model, geometry, layer_stats, dims, cfg.components, lazy)
-        compressed = self._empty_compressed_model(adapter, model, dims, self._record(model, dims, calibration, cfg),
-                                                  materialize=writer is None)
-        kept: list[LayerStatistics] = []
-        start = time.perf_counter()
-        solve_time = 0.0
-        originals, targets = adapter.layers(model), adapter.layers(compressed)
-        targets_prefix = self._module_name(compressed, targets) + "."
-        written: list[int] = []
-        attention_entries: dict[int, dict[str, torch.Tensor]] = {}  # sequential: solved before the MLP
-        try:
-            for idx, stats in layer_stats:
-                t0 = time.perf_counter()
-                if lazy is not None:
-                    lazy.load(idx)
-                    for done in written:  # their outputs have fed this layer's statistics by now
-                        targets[done].to("meta")
-                    written.clear()
-                solver_device = cfg.device or stats.attn_input_autocorr.device
-                if not stats.complete:
-                    # Sequential calibration: the MLP statistics are taken on this attention's output.
-                    attention_entries[idx] = self._solve_attention_first(
-                        adapter, originals[idx], targets[idx], stats.to(solver_device), geometry, dims[idx], cfg)
-                    propagate[idx] = targets[idx]
-                    solve_time += time.perf_counter() - t0
-                    continue
-                if cache_hit:
-                    cache.check_weights(idx, weight_chain.add(originals[idx]))
-                elif cache_writer is not None:
-                    cache_writer.add(idx, stats, weight_chain.add(originals[idx]))
-                kept_mlp_channels = None
-                if idx in attention_entries:
-                    new_entries = attention_entries.pop(idx)
-                    stats_here = stats.to(solver_device)
-                    kept_mlp_channels = mlp_kept_channels(adapter, originals[idx], stats_here, dims[idx])
-                    new_entries.update(solve_mlp(adapter, originals[idx], stats_here, dims[idx], cfg,
-                                                 kept=kept_mlp_channels))
-                else:
-                    new_entries = solve_layer(adapter, originals[idx], stats.to(solver_device), geometry, dims[idx], cfg)
-                self._fill(targets[idx], self._layer_state(originals[idx], new_entries), strict=True)
-                if writer is not None:
-                    writer.add({f"{targets_prefix}{idx}.{k}": v for k, v in targets[idx].state_dict().items()})
-                    written.append(idx)
-                if lazy is not None:
-                    lazy.release(idx)
-                if propagate is not None:
-                    propagate[idx] = (targets[idx], kept_mlp_channels)
-                if keep_statistics:
-                    kept.append(stats)
-                solve_time += time.perf_counter() - t0
-            if cache_writer is not None:
-                cache_writer.commit()
-        except BaseException:
-            if cache_writer is not None:
-                cache_writer.abort()
-            raise
-        for done in written:
-            targets[done].to("meta")
-        if writer is None:
-            self._copy_outside_layers(model, compressed)
-        else:
-            writer.add(self._outside_layer_tensors(compressed, weights, model.dtype))
-        # Counted on both models; the base figures cannot be derived from the checkpoint later.
-        update_compression_record(compressed.config, sizes={
-            name: [count(model), count(compressed)] for name, count in (
-                ("decoder_linear_params", decoder_linear_params), ("total_params", total_params),
-                ("kv_cache_bytes_per_token", kv_cache_bytes_per_token))})
-        total = time.perf_counter() - start
-        self.last_timings = {"total_s": total, "solve_s": solve_time, "calibration_forward_s": total - solve_time,
-                             "stats_cache_hit": cache_hit}
-        if keep_statistics:
-            self.last_statistics = kept
-        self.last_calibration = calibration
-        self.last_effective_config = cfg
-        return compressed.eval()
-
-    @staticmethod
-    def _layer_state(original: nn.Module, new_entries: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The compressed layer's state: the solved entries, everything else (norms, some biases) as is."""
-        state = dict(original.state_dict())
-        state.update(new_entries)
-        return state
-
-    @classmethod
-    def _solve_attention_first(cls, adapter, original: nn.Module, target: nn.Module, stats: LayerStatistics,
-                               geometry, dims: LayerDims, cfg: A3Config) -> dict[str, torch.Tensor]:
-        """Solve a layer's attention and put it into ``target`` (whose MLP stays unset), so that sequential
-        calibration can run the compressed attention; returns the solved entries."""
-        entries = solve_attention(adapter, original, stats, geometry, dims, cfg)
-        mlp = tuple(f"{adapter.linear_paths[name]}." for name in ("gate", "up", "down"))
-        state = {k: v for k, v in cls._layer_state(original, entries).items() if not k.startswith(mlp)}
-        cls._fill(target, state, strict=False)
-        return entries
-
-    @staticmethod
-    def _fill(target: nn.Module, state: dict[str, torch.Tensor], strict: bool) -> None:
-        """Load ``state`` into a compressed layer, allocating it first if it is still on the meta device
-        (streaming); ``strict=False`` for the attention-only state of sequential calibration."""
-        if any(p.is_meta for p in target.parameters()):
-            target.to_empty(device=next(iter(state.values())).device)
-        _, unexpected = target.load_state_dict(state, strict=strict)
-        if unexpected:
-            raise RuntimeError(f"unexpected compressed-layer entries: {unexpected}")
-
-    @staticmethod
-    def _module_name(root: nn.Module, module: nn.Module) -> str:
-        return next(name for name, m in root.named_modules() if m is module)
-
-    @staticmethod
-    def _embedding_digest(model) -> str:
-        """Digest of the input embeddings, which the statistics depend on besides the decoder layers (those
-        are checked per cache entry as they are read). Materialised in both modes, so no extra read."""
-        return tensor_digest(model.get_input_embeddings().state_dict())
-
-    @staticmethod
-    def _discard_partial_output(writer: ShardWriter, lazy: LazyLayers) -> None:
-        """Undo a streamed attempt that stopped mid-way: delete its flushed shards, release its layers."""
-        for path, _ in writer.shards:
-            os.remove(path)
-        for idx in list(lazy.loaded):
-            lazy.release(idx)
-
-    @staticmethod
-    def _outside_layer_tensors(compressed: nn.Module, weights: CheckpointWeights, dtype) -> dict[str, torch.Tensor]:
-        """Embeddings, final norm and (untied) lm_head, read from the original checkpoint."""
-        layers_prefix = A3Compressor._module_name(compressed, decoder_layers(compressed)) + "."
-        names = [k for k in compressed.state_dict() if not k.startswith(layers_prefix)]
-        if compressed.config.tie_word_embeddings:
-            names = [k for k in names if k != "lm_head.weight"]
-        return weights.load(names, dtype)
-
-    @staticmethod
-    def _write_files(compressed: nn.Module, directory: str, tokenizer) -> None:
-        """What ``save_pretrained`` writes besides the weights: config (with ``auto_map``), remote code,
-        generation config; plus the tokenizer and the model card."""
-        from transformers.dynamic_module_utils import custom_object_save
-
-        compressed.config.dtype = str(compressed.dtype).split(".")[1]
-        compressed.config.architectures = [type(compressed).__name__]
-        custom_object_save(compressed, directory, config=compressed.config)
-        compressed.config.save_pretrained(directory)
-        if compressed.can_generate():
-            compressed.generation_config.save_pretrained(directory)
-        if tokenizer is not None:
-            save_tokenizer(tokenizer, directory)
-        write_model_card(compressed, directory)
-
-    @staticmethod
-    def _restricted_to(adapter, cfg: A3Config) -> A3Config:
-        """Drop the components this architecture cannot compress (Qwen3's normalised q/k), loudly; an
-        explicit dim for such a component is an error."""
-        unsupported = [c for c in cfg.components if c not in adapter.compressible_components]
-        if not unsupported:
-            return cfg
-        explicit = [c for c in unsupported if getattr(cfg, _DIM_FIELDS[c]) is not None]
-        if explicit:
-            raise A3ConfigError(f"{type(adapter).__name__}: {', '.join(explicit)} cannot be compressed in this "
-                                f"architecture ({adapter.__doc__.strip().splitlines()[0]})")
-        kept = tuple(c for c in cfg.components if c in adapter.compressible_components)
-        warnings.warn(f"{', '.join(unsupported)} left uncompressed for this architecture (see "
-                      f"{type(adapter).__name__}); the ratio applies to {', '.join(kept)} only", stacklevel=3)
-        return dataclasses.replace(cfg, components=kept)
-
-    @staticmethod
-    def _without_ill_posed_refit(cfg: A3Config, tokens: int | None, geometry) -> A3Config:
-        """The refit solves an intermediate-sized least-squares problem: with fewer than two calibration
-        tokens per MLP channel it overfits (measured: worse than no refit), so it is skipped, loudly."""
-        if cfg.mlp_refit and tokens is not None and tokens < MIN_TOKENS_PER_CHANNEL_FOR_REFIT * geometry.intermediate_size:
-            warnings.warn(
-                f"mlp_refit skipped: {tokens} calibration tokens < {MIN_TOKENS_PER_CHANNEL_FOR_REFIT} x intermediate_size "
-                f"({geometry.intermediate_size}); use more calibration data to enable it", stacklevel=3)
-            return dataclasses.replace(cfg, mlp_refit=False)
-        return cfg
-
-    def _mixed_dims(self, adapter, model, geometry, layer_stats, uniform: list[LayerDims], components,
-                    lazy: LazyLayers | None = None) -> list[LayerDims]:
-        tracks = []
-        for idx, stats in layer_stats:
-            if lazy is not None:
-                lazy.load(idx)
-            layer = adapter.layers(model)[idx]
-            weights = {name: lin.weight.detach().to(torch.float64).T for name, lin in adapter.linears(layer).items()}
-            tracks += layer_tracks(idx, weights, stats, geometry, components)
-            if lazy is not None:
-                lazy.release(idx)
-        return mixed_dims(tracks, uniform)
-
-    def _calibration_ids(self, tokenizer, calibration_ids, max_positions: int | None) -> tuple[torch.Tensor, str]:
+            record = getattr(statistics, "calibration", None) or {"dataset": "reused statistics"}
+            return Calibration(None, {**record, "seed": self.config.seed})
         cfg = self.config
         seqlen = cfg.seqlen if calibration_ids is None else torch.as_tensor(calibration_ids).shape[-1]
+        max_positions = getattr(model.config, "max_position_embeddings", None)
         if max_positions and seqlen > max_positions:
             # Positions the model was never trained on would skew every statistic.
             raise A3ConfigError(f"calibration windows of {seqlen} tokens exceed the model's max_position_embeddings "
                                 f"({max_positions}): use seqlen <= {max_positions}")
         if calibration_ids is None:
-            ids = calibration_windows(tokenizer, cfg.dataset, cfg.nsamples, cfg.seqlen, cfg.seed)
-            return ids, describe_source(cfg.dataset)
-        ids = torch.as_tensor(calibration_ids, dtype=torch.long)
-        if ids.dim() != 2:
-            raise ValueError("calibration_ids must have shape (num_windows, seqlen)")
-        return ids, "user-provided token ids"
-
-    def _record(self, model, dims: list[LayerDims], calibration: dict, cfg: A3Config) -> dict[str, Any]:
-        """The ``a3_compression`` record of the compressed config (``sizes`` are added once counted)."""
-        config_dict = cfg.to_dict()
-        config_dict["dataset"] = calibration["dataset"]  # never embed user text in the checkpoint
-        per_layer = lambda name: [getattr(d, name) for d in dims]  # noqa: E731
-        return CompressionRecord(
-            library_version=__version__,
-            base_model=getattr(model.config, "_name_or_path", None) or None,
-            base_model_type=model.config.model_type,
-            ratio=cfg.ratio,
-            preset=cfg.method,
-            allocation=cfg.allocation,
-            mlp_refit=cfg.mlp_refit,
-            sequential=cfg.sequential,
-            components=list(cfg.components),
-            dims={name: per_layer(name) for name in ("head_dim_qk", "head_dim_vo", "intermediate_size")},
-            calibration=calibration,
-            a3_config=config_dict,
-        ).to_dict()
-
-    @staticmethod
-    def _empty_compressed_model(adapter, model, dims, record, materialize: bool = True) -> nn.Module:
-        """The compressed model's skeleton on the meta device; allocated (uninitialised) if ``materialize``."""
-        config = adapter.compressed_config(model, dims, record)
-        config._attn_implementation = getattr(model.config, "_attn_implementation", None) or "sdpa"
-        with torch.device("meta"):
-            compressed = adapter.compressed_model_class(config)
-        compressed = compressed.to(model.dtype)
-        if materialize:
-            compressed = compressed.to_empty(device=model.get_input_embeddings().weight.device)
-        # Eval mode, as from_pretrained gives: sequential calibration runs these layers (no dropout there).
-        return compressed.eval()
-
-    @staticmethod
-    def _copy_outside_layers(model: nn.Module, compressed: nn.Module) -> None:
-        """Embeddings, final norm and lm_head are not touched by A3: copy them (and re-tie)."""
-        original_layers = A3Compressor._module_name(model, decoder_layers(model)) + "."
-        compressed_layers = A3Compressor._module_name(compressed, decoder_layers(compressed)) + "."
-        state = {k: v for k, v in model.state_dict().items() if not k.startswith(original_layers)}
-        missing, unexpected = compressed.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith(compressed_layers)]
-        if compressed.config.tie_word_embeddings:
-            missing = [k for k in missing if k != "lm_head.weight"]
-            compressed.tie_weights()
-        if missing or unexpected:
-            raise RuntimeError(f"weights outside the decoder layers do not match: missing={missing} unexpected={unexpected}")
+            ids, source = calibration_windows(tokenizer, cfg.dataset, cfg.nsamples, cfg.seqlen, cfg.seed), describe_source(cfg.dataset)
+        else:
+            ids, source = torch.as_tensor(calibration_ids, dtype=torch.long), "user-provided token ids"
+            if ids.dim() != 2:
+                raise ValueError("calibration_ids must have shape (num_windows, seqlen)")
+        return Calibration(ids, {"dataset": source, "nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]),
+                                 "tokens": int(ids.numel()), "seed": cfg.seed})
 
     # ---------------------------------------------------------------------------------- save
     def save(self, model: nn.Module, save_dir: str | Path, tokenizer=None, overwrite: bool = False,
@@ -479,20 +183,15 @@ class A3Compressor(OptimumQuantizer):
             raise TypeError(f"expected a model returned by A3Compressor.compress, got {type(model).__name__}")
         check_tensors_written(model.state_dict())  # before anything is created
 
-        def writer(tmp: str) -> None:
-            model.save_pretrained(tmp, max_shard_size=max_shard_size)
-            if tokenizer is not None:
-                save_tokenizer(tokenizer, tmp)
-            write_model_card(model, tmp)
-
-        return write_atomically(str(save_dir), writer, overwrite=overwrite, inputs=model_sources(model))
+        return write_atomically(str(save_dir), lambda tmp: save_model(model, tmp, tokenizer, max_shard_size),
+                                overwrite=overwrite, inputs=model_sources(model))
 
     def push_to_hub(self, model: nn.Module, repo_id: str, *, tokenizer=None, **kwargs):
         """Upload ``model`` (weights, config with ``auto_map``, modeling files, tokenizer, model card) to
-        ``repo_id`` in one commit; keyword arguments as :func:`optimum_a3.hub.push_to_hub` (``commit_message``,
+        ``repo_id`` in one commit; keyword arguments as :func:`optimum_a3.checkpoint.hub.push_to_hub` (``commit_message``,
         ``private``, ``token``, ``revision``, ``create_pr``, ``max_shard_size``, ``license``, ...).
         Returns the ``CommitInfo``."""
-        from .hub import push_to_hub
+        from .checkpoint.hub import push_to_hub
 
         return push_to_hub(model, repo_id, tokenizer=tokenizer, **kwargs)
 
@@ -511,7 +210,7 @@ class A3Compressor(OptimumQuantizer):
     def from_pretrained(cls, model_or_path: str | Path, file_name: str | None = None, config: A3Config | None = None,
                         **kwargs) -> A3Compressor:
         """Load a model (hub id, directory or GGUF file) to compress later with :meth:`quantize`."""
-        from .loading import load_model_and_tokenizer
+        from .checkpoint.loading import load_model_and_tokenizer
 
         compressor = cls(config, **kwargs)
         spec = str(model_or_path) if file_name is None else str(Path(model_or_path) / file_name)

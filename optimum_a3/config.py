@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .budget import LayerDims, uniform_dims
+from .math.budget import LayerDims, uniform_dims
 from .errors import A3Error
-from .linalg import DEFAULT_EIG_FLOOR
+from .math.linalg import DEFAULT_EIG_FLOOR
 
 COMPONENTS = ("qk", "ov", "mlp")
 DimSpec = int | list[int] | None
@@ -188,9 +187,6 @@ class A3Config:
         if unknown:
             raise A3ConfigError(f"unknown A3Config keys: {sorted(unknown)}")
         return cls(**config_dict)
-
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
 _DIM_FIELDS = {"qk": "head_dim_qk", "ov": "head_dim_vo", "mlp": "intermediate_size"}

@@ -8,10 +8,11 @@ import torch
 from tiny_models import random_token_windows, tiny_llama
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from optimum_a3 import A3Compressor, A3Config, UnsupportedModelError, adapters
-from optimum_a3.adapters import LlamaFamilyAdapter, adapter_for, decoder_layers
-from optimum_a3.baselines import LowRankLinear, collect_input_gram, compress_plain_svd
-from optimum_a3.budget import decoder_linear_params, kv_cache_bytes_per_token
+from optimum_a3 import A3Compressor, A3Config, UnsupportedModelError
+from optimum_a3.models import adapters
+from optimum_a3.models.adapters import LlamaFamilyAdapter, adapter_for, decoder_layers
+from optimum_a3.integrations.baselines import LowRankLinear, collect_input_gram, compress_plain_svd
+from optimum_a3.math.budget import decoder_linear_params, kv_cache_bytes_per_token
 
 CALIB = random_token_windows(4, 16, seed=3)
 
@@ -40,7 +41,7 @@ def test_compressed_model_resolves_without_validation(a3_model):
 def test_quantized_model_resolves(a3_model):
     import copy
 
-    from optimum_a3.quantization import quantize_model
+    from optimum_a3.integrations.quantization import quantize_model
 
     pytest.importorskip("optimum.quanto")
     quantized = quantize_model(copy.deepcopy(a3_model), backend="quanto")

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from optimum_a3 import A3Compressor, A3Config
-from optimum_a3.allocation import Track, greedy_allocate, mixed_dims
-from optimum_a3.budget import LayerDims, decoder_linear_params
+from optimum_a3.math.allocation import Track, greedy_allocate, mixed_dims
+from optimum_a3.math.budget import LayerDims, decoder_linear_params
 from reload_helpers import reload_in_fresh_process, save_reference
 from tiny_models import random_token_windows, tiny_llama
 
@@ -20,7 +20,7 @@ def identical_tracks(layers, seed=0):
     qk = torch.rand(7, generator=g, dtype=torch.float64).sort().values
     vo = torch.rand(15, generator=g, dtype=torch.float64).sort().values
     mlp = torch.rand(95, generator=g, dtype=torch.float64).sort().values
-    return [t for i in range(layers) for t in (Track(i, "qk", 16, 2, 2 * 48 * 6, qk), Track(i, "vo", 16, 1, 48 * 6, vo),
+    return [t for i in range(layers) for t in (Track(i, "qk", 16, 2, 2 * 48 * 6, qk), Track(i, "ov", 16, 1, 48 * 6, vo),
                                                Track(i, "mlp", 96, 1, 3 * 48, mlp))]
 
 
@@ -139,7 +139,7 @@ def test_holding_the_mlp_intermediate_or_not_gives_the_same_model(monkeypatch):
     is made to fail if it takes the other's path; when its compressed MLP runs, the mode that holds
     nothing must have let go of every original gate/up output, while the holding mode still has them.
     In both, the stream after attention of the layer's earlier batches is freed once their output is made."""
-    from optimum_a3.adapters import LlamaFamilyAdapter
+    from optimum_a3.models.adapters import LlamaFamilyAdapter
 
     model = tiny_llama(layers=3)
     outputs = []  # weak references to every down_proj input (gate/up output) of the original model

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from tiny_models import random_token_windows, tiny_llama
 
-from optimum_a3.baselines import (
+from optimum_a3.integrations.baselines import (
     LowRankLinear,
     collect_input_gram,
     compress_plain_svd,
@@ -16,7 +16,7 @@ from optimum_a3.baselines import (
     svd_llm_factors,
     svd_rank,
 )
-from optimum_a3.budget import decoder_linear_params
+from optimum_a3.math.budget import decoder_linear_params
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from optimum_a3.data import load_rows
-from optimum_a3.evaluation import perplexity, tokenize_rows
+from optimum_a3.calibration.text import load_rows
+from optimum_a3.integrations.evaluation import perplexity, tokenize_rows
 from tiny_models import tiny_llama, tiny_tokenizer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "benchmark.py"

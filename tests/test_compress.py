@@ -10,7 +10,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForC
 
 from optimum_a3 import (A3Compressor, A3Config, A3ConfigError, A3LlamaForCausalLM, CalibrationDataError,
                         NonFiniteStatisticsError, OutputDirError, UnsupportedModelError)
-from optimum_a3.budget import decoder_linear_params, kv_cache_bytes_per_token, uniform_dims
+from optimum_a3.math.budget import decoder_linear_params, kv_cache_bytes_per_token, uniform_dims
+from optimum_a3.checkpoint.shards import ShardWriter
 from reload_helpers import reload_in_fresh_process, save_reference
 from tiny_models import random_token_windows, tiny_llama, tiny_tokenizer
 
@@ -180,11 +181,11 @@ def test_non_empty_output_dir_is_refused_and_failed_save_leaves_nothing(tmp_path
         compressor.save(small, busy)
     assert os.listdir(busy) == ["keep.txt"]
 
-    def broken_save(self, directory, **kwargs):
-        Path(directory, "model.safetensors").write_bytes(b"half written")
+    def broken_finish(self, **kwargs):
+        Path(self.directory, "model.safetensors").write_bytes(b"half written")
         raise OSError("disk full")
 
-    monkeypatch.setattr(A3LlamaForCausalLM, "save_pretrained", broken_save)
+    monkeypatch.setattr(ShardWriter, "finish", broken_finish)
     with pytest.raises(OSError, match="disk full"):
         compressor.save(small, tmp_path / "fresh")
     with pytest.raises(OSError, match="disk full"):
@@ -222,7 +223,13 @@ def test_reused_statistics_give_identical_checkpoint_weights():
     again = A3Compressor(A3Config(ratio=0.25, sequential=False)).compress(model, statistics=first.last_statistics, progress=False)
     sa, sb = a.state_dict(), again.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert again.config.a3_compression["calibration"]["dataset"] == "reused statistics"
+    # The statistics carry the description of their calibration data into the new record ...
+    assert again.config.a3_compression["calibration"] == first.last_calibration
+    assert first.last_calibration["dataset"] == "user-provided token ids"
+    # ... which a plain list of statistics does not have.
+    plain = A3Compressor(A3Config(ratio=0.25, sequential=False)).compress(model, statistics=list(first.last_statistics),
+                                                                           progress=False)
+    assert plain.config.a3_compression["calibration"] == {"dataset": "reused statistics", "seed": 0}
 
 
 def _dropout_does_not_change_the_result(method):

@@ -12,8 +12,8 @@ import offline_assets
 from offline_assets import WIKITEXT2_TEST_SHA256, require_wikitext2_test_file
 from tiny_models import random_token_windows, tiny_llama
 
-from optimum_a3.data import DataSourceError, join_rows, load_rows
-from optimum_a3.evaluation import (
+from optimum_a3.calibration.text import DataSourceError, join_rows, load_rows
+from optimum_a3.integrations.evaluation import (
     PerplexityResult,
     evaluate_perplexity,
     perplexity,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from optimum_a3 import A3Compressor, A3Config
-from optimum_a3.adapters import UnsupportedModelError
+from optimum_a3.models.adapters import UnsupportedModelError
 from optimum_a3.config import A3ConfigError
 
 from reload_helpers import reload_in_fresh_process, save_reference

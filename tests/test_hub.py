@@ -18,8 +18,8 @@ import torch
 import yaml
 
 from optimum_a3 import A3Compressor, A3Config
-from optimum_a3.hub import CheckpointError, HubPushError, check_hub_access, push_folder_to_hub, push_to_hub
-from optimum_a3.model_card import CARD_MARKER
+from optimum_a3.checkpoint.hub import CheckpointError, HubPushError, check_hub_access, push_folder_to_hub, push_to_hub
+from optimum_a3.checkpoint.model_card import CARD_MARKER
 from hub_server import FakeHub, client_env, patch_client
 from reload_helpers import reload_in_fresh_process, save_reference
 from tiny_models import random_token_windows, tiny_llama, tiny_tokenizer
@@ -267,7 +267,7 @@ def test_console_script_push_through_hf_endpoint(hub, compressed, repo_id, tmp_p
 # In a fresh process: load a quantized checkpoint by repo id the way the CLI does, compare with the reference.
 LOAD_QUANTIZED = """
 import json, sys, torch
-from optimum_a3.loading import load_model_and_tokenizer
+from optimum_a3.checkpoint.loading import load_model_and_tokenizer
 model, tokenizer = load_model_and_tokenizer(sys.argv[1])
 ref = torch.load(sys.argv[2])
 with torch.no_grad():
@@ -278,7 +278,7 @@ print(json.dumps({"logits_equal": bool(torch.equal(logits, ref["logits"])), "voc
 
 
 def test_quantized_model_is_pushed_in_its_format_and_loads_by_repo_id(hub, client, compressed, repo_id, tmp_path):
-    from optimum_a3.quantization import quantize_model
+    from optimum_a3.integrations.quantization import quantize_model
 
     quantized = quantize_model(copy.deepcopy(compressed["model"]), backend="hqq", bits=4)
     push_to_hub(quantized, repo_id, tokenizer=tiny_tokenizer(), token=hub.token)
@@ -300,7 +300,7 @@ def test_quantized_model_is_pushed_in_its_format_and_loads_by_repo_id(hub, clien
 
 
 def test_quantized_checkpoint_without_its_weights_is_refused(hub, client, compressed, repo_id, tmp_path):
-    from optimum_a3.quantization import quantize_model, save_quantized
+    from optimum_a3.integrations.quantization import quantize_model, save_quantized
 
     directory = Path(save_quantized(quantize_model(copy.deepcopy(compressed["model"]), backend="hqq"), tmp_path / "q"))
     (directory / "qmodel.pt").unlink()

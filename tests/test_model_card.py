@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from optimum_a3 import A3Compressor, A3Config
-from optimum_a3.budget import decoder_linear_params, kv_cache_bytes_per_token, total_params
-from optimum_a3.model_card import (CARD_MARKER, ModelCardError, card_context, render_model_card, size_figures,
+from optimum_a3.math.budget import decoder_linear_params, kv_cache_bytes_per_token, total_params
+from optimum_a3.checkpoint.model_card import (CARD_MARKER, ModelCardError, card_context, render_model_card, size_figures,
                                    write_model_card)
 from tiny_models import random_token_windows, tiny_llama, tiny_tokenizer
 

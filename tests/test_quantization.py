@@ -9,10 +9,10 @@ import yaml
 from torch import nn
 
 from optimum_a3 import A3Compressor, A3Config
-from optimum_a3.budget import kv_cache_bytes_per_token
-from optimum_a3.evaluation import perplexity
-from optimum_a3.model_card import CARD_MARKER
-from optimum_a3.quantization import (QuantizationError, inference_mode_as_no_grad, load_quantized, quantize_model,
+from optimum_a3.math.budget import kv_cache_bytes_per_token
+from optimum_a3.integrations.evaluation import perplexity
+from optimum_a3.checkpoint.model_card import CARD_MARKER
+from optimum_a3.integrations.quantization import (QuantizationError, inference_mode_as_no_grad, load_quantized, quantize_model,
                                      quantized_backend, save_quantized)
 from tiny_models import random_token_windows, tiny_llama, tiny_tokenizer
 
@@ -156,7 +156,7 @@ def test_a_mistyped_relative_path_names_both_readings(monkeypatch, tmp_path):
 
 
 def test_card_of_a_sparse_quantization_record_states_only_what_is_recorded(a3_model):
-    from optimum_a3.model_card import render_model_card
+    from optimum_a3.checkpoint.model_card import render_model_card
 
     config = a3_model.config.to_dict()
     config["a3_quantization"] = {"backend": "hqq", "evaluation": {"source": "wikitext2", "seqlen": 32, "ppl": 12.5}}

@@ -36,7 +36,7 @@ def test_nothing_is_downloaded_at_run_time(tmp_path):
         hf_hub_download("HuggingFaceTB/SmolLM2-135M-Instruct", "config.json", cache_dir=str(tmp_path))
     with pytest.raises(OSError):
         AutoConfig.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct", cache_dir=str(tmp_path))
-    from optimum_a3.data import load_rows
+    from optimum_a3.calibration.text import load_rows
 
     with pytest.raises(OSError, match="OfflineModeIsEnabled"):  # datasets' ConnectionError
         load_rows("hub:wikitext:wikitext-2-raw-v1:test")
@@ -45,8 +45,8 @@ def test_nothing_is_downloaded_at_run_time(tmp_path):
 def test_demo_assets_are_read_from_disk_and_never_imported():
     """README: the two demo packages are installed --no-deps, read from disk and never imported."""
     require_demo_assets()
-    from optimum_a3.data import wikipedia_offline_rows
-    from optimum_a3.loading import smollm2_offline_gguf
+    from optimum_a3.calibration.text import wikipedia_offline_rows
+    from optimum_a3.checkpoint.loading import smollm2_offline_gguf
 
     assert os.path.isfile(smollm2_offline_gguf()) and smollm2_offline_gguf().endswith(".gguf")
     assert len(wikipedia_offline_rows("all")) == 10_033 and len(wikipedia_offline_rows("heldout")) == 1_000

@@ -1,4 +1,4 @@
-"""The ``a3_compression`` / ``a3_quantization`` records (optimum_a3.records): the JSON written is unchanged,
+"""The ``a3_compression`` / ``a3_quantization`` records (optimum_a3.checkpoint.records): the JSON written is unchanged,
 malformed records are refused naming the field, unknown keys survive, and every reader goes through them."""
 
 import copy
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from optimum_a3 import A3Compressor, A3Config
-from optimum_a3.records import (COMPRESSION_KEY, QUANTIZATION_KEY, CompressionRecord, QuantizationRecord, RecordError,
+from optimum_a3.checkpoint.records import (COMPRESSION_KEY, QUANTIZATION_KEY, CompressionRecord, QuantizationRecord, RecordError,
                                 compression_record, quantization_record, set_compression_record,
                                 set_quantization_record, update_compression_record, update_quantization_record)
 from tiny_models import random_token_windows, tiny_llama, tiny_tokenizer
@@ -118,7 +118,7 @@ def test_quantization_record_round_trips_and_sparse_records_parse():
 
 def test_quantize_model_writes_the_record_through_the_schema(saved):
     pytest.importorskip("hqq")
-    from optimum_a3.quantization import quantize_model
+    from optimum_a3.integrations.quantization import quantize_model
 
     small, _ = saved
     model = tiny_llama(hidden=64, intermediate=96, head_dim=16)
@@ -204,9 +204,9 @@ def test_remote_code_does_not_import_the_records_module():
 # ------------------------------------------------------------ malformed records in a checkpoint
 def test_malformed_records_in_a_checkpoint_fail_clearly_everywhere(saved, tmp_path, capsys):
     from optimum_a3.cli import main
-    from optimum_a3.hub import CheckpointError, check_checkpoint_dir
-    from optimum_a3.model_card import render_model_card
-    from optimum_a3.quantization import QuantizationError, load_quantized
+    from optimum_a3.checkpoint.hub import CheckpointError, check_checkpoint_dir
+    from optimum_a3.checkpoint.model_card import render_model_card
+    from optimum_a3.integrations.quantization import QuantizationError, load_quantized
 
     _, out = saved
     bad = rewrite_config(out, tmp_path / "bad", lambda c: c[COMPRESSION_KEY].update(ratio="a lot"))
@@ -228,7 +228,7 @@ def test_malformed_records_in_a_checkpoint_fail_clearly_everywhere(saved, tmp_pa
 
 
 def test_recovery_refuses_a_malformed_record(saved):
-    from optimum_a3.recovery import RecoveryError, recover_with_lora
+    from optimum_a3.integrations.recovery import RecoveryError, recover_with_lora
 
     small, _ = saved
     model = copy.deepcopy(small)

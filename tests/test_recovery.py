@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from optimum_a3 import A3Compressor, A3Config, A3LlamaForCausalLM
-from optimum_a3.calibration import calibration_windows
-from optimum_a3.quantization import quantize_model
-from optimum_a3.recovery import RecoveryError, lm_loss, recover_with_lora
+from optimum_a3.calibration.windows import calibration_windows
+from optimum_a3.integrations.quantization import quantize_model
+from optimum_a3.integrations.recovery import RecoveryError, lm_loss, recover_with_lora
 from tiny_models import random_token_windows, tiny_llama, tiny_tokenizer
 
 CALIB = random_token_windows(8, 32, seed=11)
@@ -71,7 +71,7 @@ def test_recovered_model_saves_and_reloads(tmp_path, recovered):
 @pytest.mark.parametrize("backend", ["hqq", "quanto"])
 def test_recovered_model_quantizes_saves_and_reloads_like_any_a3_model(tmp_path, recovered, backend):
     """README: fine-tune first, quantize after; the merged model quantizes like any A3 model."""
-    from optimum_a3.quantization import load_quantized, quantized_backend, save_quantized
+    from optimum_a3.integrations.quantization import load_quantized, quantized_backend, save_quantized
 
     ids = CALIB[:2, :16]
     with torch.no_grad():

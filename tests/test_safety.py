@@ -9,7 +9,7 @@ import pytest
 
 from optimum_a3 import A3Compressor, A3Config, A3ConfigError, OutputDirError
 from optimum_a3.cli import main
-from optimum_a3.loading import ModelLoadError, load_model_and_tokenizer
+from optimum_a3.checkpoint.loading import ModelLoadError, load_model_and_tokenizer
 from tiny_models import random_token_windows, tiny_llama, tiny_tokenizer
 
 WORDS = "the quick brown fox jumps over the lazy dog while seven wizards quietly vex a jovial king".split()
@@ -217,7 +217,7 @@ def test_an_output_that_is_contains_or_lies_inside_the_input_is_refused(base, ow
 @pytest.fixture(scope="module")
 def hqq_model():
     """A tiny Llama quantized to 4 bits with hqq (once: hqq is slow on CPU)."""
-    from optimum_a3.quantization import quantize_model
+    from optimum_a3.integrations.quantization import quantize_model
 
     return quantize_model(tiny_llama(hidden=64), backend="hqq", bits=4)
 
@@ -232,7 +232,7 @@ def test_api_saves_never_replace_the_model_they_were_loaded_from(own_input, hqq_
     small = compressor.compress(model, calibration_ids=ids, progress=False)
     with pytest.raises(OutputDirError, match="is the input"):
         compressor.save(small, own_input, tokenizer=tokenizer, overwrite=True)
-    from optimum_a3.quantization import save_quantized
+    from optimum_a3.integrations.quantization import save_quantized
 
     hqq_model.config._name_or_path = str(own_input)  # as if quantized after loading it from there
     with pytest.raises(OutputDirError, match="contains the input"):
@@ -287,7 +287,7 @@ def test_tokenizer_config_is_the_same_whether_loaded_offline_or_online(base, tmp
 
 
 def test_an_unwritable_output_parent_is_refused_before_compressing(base, tmp_path, capsys, monkeypatch):
-    import optimum_a3.saving as saving
+    import optimum_a3.checkpoint.saving as saving
     from optimum_a3.compressor import A3Compressor as Compressor
 
     def must_not_run(*args, **kwargs):
@@ -310,7 +310,7 @@ def test_an_unwritable_output_parent_is_refused_before_compressing(base, tmp_pat
 
 
 def test_a_damaged_hqq_checkpoint_fails_with_a_message_naming_the_file(tmp_path, hqq_model, capsys):
-    from optimum_a3.quantization import QuantizationError, load_quantized, save_quantized
+    from optimum_a3.integrations.quantization import QuantizationError, load_quantized, save_quantized
 
     out = save_quantized(hqq_model, tmp_path / "q")
     weights = os.path.join(out, "qmodel.pt")

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import optimum_a3.stats_cache as stats_cache
+import optimum_a3.checkpoint.stats_cache as stats_cache
 from optimum_a3 import A3Compressor, A3Config
 
 from tiny_models import random_token_windows, tiny_llama, tiny_tokenizer

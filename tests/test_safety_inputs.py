@@ -17,10 +17,11 @@ from safetensors.torch import load_file, save_file
 
 from optimum_a3 import A3Compressor, A3Config, A3ConfigError
 from optimum_a3.cli import main
-from optimum_a3.data import DataSourceError, load_rows
-from optimum_a3.loading import ModelLoadError, load_model_and_tokenizer
-from optimum_a3.streaming import ShardWriter, empty_model
-from optimum_a3.weight_checks import NonFiniteWeightsError
+from optimum_a3.calibration.text import DataSourceError, load_rows
+from optimum_a3.checkpoint.loading import ModelLoadError, load_model_and_tokenizer
+from optimum_a3.checkpoint.shards import ShardWriter
+from optimum_a3.checkpoint.weights import empty_model
+from optimum_a3.checkpoint.weight_checks import NonFiniteWeightsError
 from tiny_models import tiny_llama, tiny_tokenizer
 
 WORDS = "the quick brown fox jumps over the lazy dog while seven wizards quietly vex a jovial king".split()

@@ -19,8 +19,8 @@ import torch
 
 from offline_assets import ROOT, require_demo_assets, require_wikitext2_test_file
 from optimum_a3 import A3Compressor, A3Config
-from optimum_a3.budget import decoder_linear_params, kv_cache_bytes_per_token, total_params
-from optimum_a3.evaluation import perplexity, tokenize_rows, wikitext2_test_rows
+from optimum_a3.math.budget import decoder_linear_params, kv_cache_bytes_per_token, total_params
+from optimum_a3.integrations.evaluation import perplexity, tokenize_rows, wikitext2_test_rows
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +49,7 @@ def _quickstart_command() -> list[str]:
 @pytest.fixture(scope="module")
 def smollm2():
     require_demo_assets()
-    from optimum_a3.loading import load_model_and_tokenizer
+    from optimum_a3.checkpoint.loading import load_model_and_tokenizer
 
     torch.manual_seed(0)
     return load_model_and_tokenizer("smollm2-offline")
@@ -115,7 +115,7 @@ def test_quickstart_command_gives_the_measured_dense_and_default_perplexities(tm
 
 def measure() -> dict[str, float]:
     """Re-measure MEASURED: ``python tests/test_smollm2.py`` (minutes; print the figures, change nothing)."""
-    from optimum_a3.loading import load_model_and_tokenizer
+    from optimum_a3.checkpoint.loading import load_model_and_tokenizer
 
     torch.manual_seed(0)
     model, tokenizer = load_model_and_tokenizer("smollm2-offline")

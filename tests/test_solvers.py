@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from optimum_a3 import solvers
-from optimum_a3.linalg import add_gram_upper_, mirror_gram_upper_, psd_roots
+from optimum_a3.math import solvers
+from optimum_a3.math.linalg import add_gram_upper_, mirror_gram_upper_, psd_roots
 
 D, HD = 24, 8
 

@@ -110,8 +110,11 @@ def test_streaming_holds_one_original_and_one_compressed_layer_and_one_shard_at_
     """README (Big models): live at any time are the embedding, one original and one compressed layer and at most
     one output shard; the untied lm_head is only read at the end. Checked at every layer load, layer fill and
     shard write of a streamed run."""
-    import optimum_a3.compressor as compressor_module
-    from optimum_a3.streaming import LazyLayers, ShardWriter
+    import optimum_a3.checkpoint.weights as weights_module
+    import optimum_a3.pipeline.loop as loop_module
+    import optimum_a3.pipeline.run as run_module
+    from optimum_a3.checkpoint.shards import ShardWriter
+    from optimum_a3.checkpoint.weights import LazyLayers
 
     src = _source(tmp_path, layers=4, tie=False)
     models, checks = {}, []
@@ -128,8 +131,8 @@ def test_streaming_holds_one_original_and_one_compressed_layer_and_one_shard_at_
         if writer is not None:  # one shard's worth pending (or a single tensor bigger than a shard)
             assert writer.pending_bytes <= writer.max_bytes or len(writer.pending) == 1, where
 
-    empty_model, empty_compressed = compressor_module.empty_model, A3Compressor._empty_compressed_model
-    fill, load, add = A3Compressor._fill, LazyLayers.load, ShardWriter.add
+    empty_model, empty_compressed = weights_module.empty_model, run_module.empty_compressed_model
+    fill, load, add = loop_module.fill_layer, LazyLayers.load, ShardWriter.add
 
     def spy_empty_model(*args, **kwargs):  # the skeleton being streamed (built twice when the dtype is read)
         models["original"] = empty_model(*args, **kwargs)
@@ -151,9 +154,9 @@ def test_streaming_holds_one_original_and_one_compressed_layer_and_one_shard_at_
         add(self, tensors)
         check("write", self)
 
-    monkeypatch.setattr(compressor_module, "empty_model", spy_empty_model)
-    monkeypatch.setattr(A3Compressor, "_empty_compressed_model", staticmethod(spy_empty_compressed))
-    monkeypatch.setattr(A3Compressor, "_fill", staticmethod(spy_fill))
+    monkeypatch.setattr(weights_module, "empty_model", spy_empty_model)
+    monkeypatch.setattr(run_module, "empty_compressed_model", spy_empty_compressed)
+    monkeypatch.setattr(loop_module, "fill_layer", spy_fill)
     monkeypatch.setattr(LazyLayers, "load", spy_load)
     monkeypatch.setattr(ShardWriter, "add", spy_add)
 
@@ -234,10 +237,10 @@ def test_stats_cache_in_memory_and_refusal_with_sequential(tmp_path):
 
 KILL_SCRIPT = textwrap.dedent("""
     import sys, time
-    import optimum_a3.compressor as compressor
+    import optimum_a3.pipeline.loop as loop
     from optimum_a3 import A3Compressor, A3Config
 
-    solve = compressor.solve_layer
+    solve = loop.solve_mlp  # once per layer
     calls = []
 
     def slow_solve(*args, **kwargs):
@@ -247,7 +250,7 @@ KILL_SCRIPT = textwrap.dedent("""
         time.sleep(0.5 if len(calls) <= 2 else 600)
         return solve(*args, **kwargs)
 
-    compressor.solve_layer = slow_solve
+    loop.solve_mlp = slow_solve
     src, out, cache = sys.argv[1:4]
     config = A3Config(ratio=0.25, method="paper", nsamples=8, seqlen=32, dataset=["calibration text. " * 300])
     A3Compressor(config).compress_checkpoint(src, out, overwrite=True, progress=False, stats_cache=cache,
@@ -306,7 +309,7 @@ def test_killed_compression_leaves_the_output_dir_untouched(tmp_path, sig):
 
 
 def test_stale_partial_directories_of_live_processes_and_other_hosts_are_kept(tmp_path):
-    from optimum_a3.saving import _host, remove_stale_partials
+    from optimum_a3.checkpoint.saving import _host, remove_stale_partials
 
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(done.stdout)  # that process has exited

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .errors import A3Error
+from ..errors import A3Error
 
 
 class NonFiniteWeightsError(A3Error, ValueError):

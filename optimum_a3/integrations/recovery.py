@@ -17,12 +17,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import adapter_for
-from .calibration import CalibrationDataError, calibration_windows
-from .data import describe_source
-from .errors import A3Error
+from ..models.adapters import adapter_for
+from ..calibration.windows import CalibrationDataError, calibration_windows
+from ..calibration.text import describe_source
+from ..errors import A3Error
 from .quantization import quantized_backend
-from .records import RecordError, compression_record, quantization_record, update_compression_record
+from ..checkpoint.records import RecordError, compression_record, quantization_record, update_compression_record
 
 
 class RecoveryError(A3Error, ValueError):

@@ -10,7 +10,8 @@ import socket
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 
-from .errors import A3Error
+from ..errors import A3Error
+from .records import RecordError, compression_record
 
 
 class OutputDirError(A3Error, FileExistsError):
@@ -65,8 +66,11 @@ def model_sources(model) -> list[str]:
     """Local paths a model was read from (its ``_name_or_path``, the base model of an A3 record): a save
     of that model must not replace them."""
     config = getattr(model, "config", None)
-    record = getattr(config, "a3_compression", None) or {}
-    candidates = [getattr(config, "_name_or_path", None), record.get("base_model") if isinstance(record, dict) else None]
+    try:
+        record = compression_record(config) if config is not None else None
+    except RecordError:  # a malformed record names no source; the save itself refuses it later
+        record = None
+    candidates = [getattr(config, "_name_or_path", None), record.base_model if record else None]
     return [str(c) for c in candidates if isinstance(c, (str, os.PathLike)) and str(c).strip()]
 
 

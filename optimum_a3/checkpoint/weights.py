@@ -1,10 +1,10 @@
-"""Compress without holding the whole model: read weights per decoder layer, write the output per layer.
+"""Read a checkpoint without holding the whole model: tensors by name, decoder layers one at a time.
 
 ``CheckpointWeights`` reads tensors by name from a safetensors checkpoint (one file or an index of
-shards); ``LazyLayers`` materialises one decoder layer of an empty (meta-device) model at a time and
-drops it after use; ``ShardWriter`` writes the compressed tensors into size-capped shards as they are
-produced, named and indexed as ``save_pretrained`` does. Together they bound peak memory by one layer
-of weights plus its float64 statistics plus the calibration activations plus one output shard.
+shards); ``empty_model`` builds the model on the meta device; ``LazyLayers`` materialises one decoder layer
+of it at a time and drops it after use. With :class:`optimum_a3.checkpoint.shards.ShardWriter` on the
+output side they bound the peak memory of streamed compression by one layer of weights plus its float64
+statistics plus the calibration activations plus one output shard.
 """
 
 from __future__ import annotations
@@ -19,16 +19,12 @@ from collections import defaultdict
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from .errors import one_line
+from ..errors import one_line
 from .loading import ModelLoadError, check_config_describes_weights, load_checked_config, remote_code_refused
-from .weight_checks import check_tensors_written, check_weights_read
-
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-SAFETENSORS_METADATA = {"format": "pt"}  # what save_pretrained writes; keeps files byte-identical
+from .shards import INDEX_FILE, SINGLE_FILE
+from .weight_checks import check_weights_read
 
 
 def return_large_frees_to_the_os(threshold_bytes: int = 1 << 20) -> bool:
@@ -81,9 +77,6 @@ class CheckpointWeights:
         else:
             raise ModelLoadError(f"{directory} has no {SINGLE_FILE} or {INDEX_FILE}: streaming needs safetensors weights")
 
-    def names(self) -> list[str]:
-        return list(self.weight_map)
-
     @contextlib.contextmanager
     def _open(self, file: str):
         """``safe_open`` of one weight file; a damaged or missing one is a :class:`ModelLoadError` naming it."""
@@ -107,7 +100,7 @@ class CheckpointWeights:
         """Every tensor's shape, read from the file headers (no tensor data); opening every file also
         finds a truncated or damaged one before any work."""
         shapes = {}
-        for file, file_names in self._by_file(self.names()).items():
+        for file, file_names in self._by_file(list(self.weight_map)).items():
             with self._open(file) as f:
                 for name in file_names:
                     shapes[name] = tuple(f.get_slice(name).get_shape())
@@ -141,7 +134,7 @@ def empty_model(directory: str, dtype: torch.dtype, trust_remote_code: bool = Fa
     stay real), in eval mode. Only the weight files' headers are read: a config.json that does not
     describe them (a missing key left to transformers' default, fewer layers than the shards hold) and
     a damaged file are refused with :class:`ModelLoadError` (see
-    :func:`optimum_a3.loading.check_config_describes_weights`)."""
+    :func:`optimum_a3.checkpoint.loading.check_config_describes_weights`)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -176,7 +169,7 @@ def materialize(module: nn.Module, prefix: str, weights: CheckpointWeights, dtyp
 class LazyLayers:
     """Decoder layers of an empty model, materialised on demand from the checkpoint and released after.
 
-    ``load`` and ``release`` are idempotent, so the statistics stream and the solver loop may both ask.
+    ``load`` and ``release`` are idempotent.
     """
 
     def __init__(self, layers: nn.ModuleList, prefix: str, weights: CheckpointWeights, dtype: torch.dtype,
@@ -191,75 +184,38 @@ class LazyLayers:
             self.loaded.add(idx)
             check_weights_read(self.layers[idx], f"{self.prefix}{idx}.")
 
+    def get(self, idx: int) -> nn.Module:
+        """Layer ``idx``, read from the checkpoint if it is not in memory."""
+        self.load(idx)
+        return self.layers[idx]
+
     def release(self, idx: int) -> None:
         if idx in self.loaded:
             self.layers[idx].to("meta")
             self.loaded.discard(idx)
 
-
-def parse_size(size: int | str) -> int:
-    """``"2GB"``/``"500MB"``/an int -> bytes (decimal units, as ``save_pretrained``)."""
-    if isinstance(size, int):
-        return size
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
-    text = size.strip().upper()
-    for unit, factor in units.items():
-        if text.endswith(unit) and text[: -len(unit)].strip().replace(".", "", 1).isdigit():
-            return int(float(text[: -len(unit)]) * factor)
-    raise ValueError(f"cannot read the shard size {size!r} (e.g. '5GB', '500MB')")
+    def release_all(self) -> None:
+        for idx in list(self.loaded):
+            self.release(idx)
 
 
-class ShardWriter:
-    """Write tensors into safetensors shards of at most ``max_shard_size`` bytes, as they come.
+def streamed_model(directory: str, dtype: torch.dtype | None, device: torch.device,
+                   trust_remote_code: bool = False) -> tuple[nn.Module, LazyLayers]:
+    """The model of ``directory`` ready to be compressed layer by layer: on the meta device but for its
+    buffers and input embeddings (materialised on ``device``), and its decoder layers as
+    :class:`LazyLayers`. ``dtype`` defaults to the checkpoint's (``config.dtype``), else float32.
+    Unsupported architectures are refused before any weight is read."""
+    from ..models.adapters import adapter_for
 
-    Files are written under temporary names and renamed by ``finish`` to what ``save_pretrained``
-    would produce: ``model.safetensors`` for one shard, else ``model-0000k-of-0000n.safetensors`` and
-    ``model.safetensors.index.json``.
-    """
-
-    def __init__(self, directory: str, max_shard_size: int | str = "5GB"):
-        self.directory = directory
-        self.max_bytes = parse_size(max_shard_size)
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[tuple[str, list[str]]] = []  # (temporary file, tensor names)
-        self.total_bytes = 0
-        self.total_params = 0
-
-    def add(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Queue ``tensors`` for writing; one with NaN or Inf values is refused by name."""
-        check_tensors_written(tensors)
-        for name, tensor in tensors.items():
-            size = tensor.numel() * tensor.element_size()
-            if self.pending and self.pending_bytes + size > self.max_bytes:
-                self._flush()
-            self.pending[name] = tensor.detach().to("cpu").contiguous()
-            self.pending_bytes += size
-            self.total_bytes += size
-            self.total_params += tensor.numel()
-
-    def _flush(self) -> None:
-        path = os.path.join(self.directory, f".shard-{len(self.shards):05d}.tmp")
-        save_file(self.pending, path, metadata=SAFETENSORS_METADATA)
-        self.shards.append((path, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
-
-    def finish(self, total_parameters: int | None = None) -> list[str]:
-        """Write what is pending, name the shards and write the index; returns the file names."""
-        if self.pending or not self.shards:
-            self._flush()
-        n = len(self.shards)
-        if n == 1:
-            os.replace(self.shards[0][0], os.path.join(self.directory, SINGLE_FILE))
-            return [SINGLE_FILE]
-        names, weight_map = [], {}
-        for k, (path, tensor_names) in enumerate(self.shards, start=1):
-            name = f"model-{k:05d}-of-{n:05d}.safetensors"
-            os.replace(path, os.path.join(self.directory, name))
-            names.append(name)
-            weight_map.update({t: name for t in tensor_names})
-        index = {"metadata": {"total_parameters": total_parameters or self.total_params, "total_size": self.total_bytes},
-                 "weight_map": dict(sorted(weight_map.items()))}
-        with open(os.path.join(self.directory, INDEX_FILE), "w") as f:
-            f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        return names + [INDEX_FILE]
+    model = empty_model(directory, dtype or torch.float32, trust_remote_code)
+    if dtype is None and isinstance(getattr(model.config, "dtype", None), torch.dtype):
+        model = empty_model(directory, model.config.dtype, trust_remote_code)
+    layers = adapter_for(model).layers(model)
+    weights = CheckpointWeights(directory)
+    move_buffers(model, device)
+    names = {module: name for name, module in model.named_modules()}
+    embeddings = model.get_input_embeddings()
+    materialize(embeddings, names[embeddings] + ".", weights, model.dtype, device)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()  # lm_head shares the materialised embedding again (counted once)
+    return model, LazyLayers(layers, names[layers] + ".", weights, model.dtype, device)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import (  # noqa: F401
+from ..calibration.text import (  # noqa: F401
     DEFAULT_WIKITEXT2_TEST_PATH,
     WIKITEXT2,
     join_rows,
@@ -127,7 +127,7 @@ def evaluate_perplexity(model, tokenizer, source: Any = WIKITEXT2, seqlen: int =
                         device: str | torch.device | None = None) -> PerplexityResult:
     """Tokenise a text source and compute :func:`perplexity` on it.
 
-    ``source`` is anything :func:`optimum_a3.data.load_rows` accepts, or ``"wikitext2"`` (the WikiText-2
+    ``source`` is anything :func:`optimum_a3.calibration.text.load_rows` accepts, or ``"wikitext2"`` (the WikiText-2
     test split: the local file ``../shared/data/wikitext-2-raw/wiki.test.raw`` if present, else
     ``datasets``), or ``"wikitext2:/path/to/wiki.test.raw"``.
     """

@@ -18,9 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import A3Error
+from ..errors import A3Error
 from .records import CompressionRecord, QuantizationRecord, compression_record, quantization_record
-from .version import __version__
+from ..version import __version__
 
 TEMPLATE_FILE = "a3_model_card.md"
 CARD_FILE = "README.md"
@@ -48,7 +48,7 @@ class ModelCardError(A3Error, ValueError):
 # ------------------------------------------------------------------------------------------ inputs
 def template_path() -> Path:
     """The card template: ``model_cards/a3_model_card.md`` (next to the package, or inside it once packaged)."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent.parent  # the optimum_a3 package
     for candidate in (here / "model_cards" / TEMPLATE_FILE, here.parent / "model_cards" / TEMPLATE_FILE):
         if candidate.is_file():
             return candidate
@@ -74,7 +74,7 @@ def load_config_dict(source: Any) -> dict:
     if compression_record(config) is None:  # a malformed record raises RecordError, naming the field
         raise ModelCardError("not an A3-compressed checkpoint: its config has no `a3_compression` record")
     if config.get("model_type") == "a3_llama":  # fill in defaults a diff-saved config.json would omit
-        from .models.a3_llama import A3LlamaConfig
+        from ..models.a3_llama import A3LlamaConfig
 
         try:
             config = {**A3LlamaConfig.from_dict(config).to_dict(), **config}
@@ -222,7 +222,7 @@ def original_intermediate_size(config: dict, base_id: str | None) -> list[int] |
 
 
 def decoder_linear_params(config: dict, qk: list[int], vo: list[int], inter: list[int]) -> int:
-    """Parameters of the decoder layers' linear layers (as :func:`optimum_a3.budget.decoder_linear_params`)."""
+    """Parameters of the decoder layers' linear layers (as :func:`optimum_a3.math.budget.decoder_linear_params`)."""
     d, h, g = config["hidden_size"], config["num_attention_heads"], config.get("num_key_value_heads") or \
         config["num_attention_heads"]
     attn_bias, mlp_bias = bool(config.get("attention_bias")), bool(config.get("mlp_bias"))
@@ -445,7 +445,7 @@ def _evaluation(ev: Any) -> dict | None:
 
 
 def _recovery(rec: Any) -> dict | None:
-    """The LoRA recovery fine-tune (optimum_a3.recovery), when one was run after compression."""
+    """The LoRA recovery fine-tune (optimum_a3.integrations.recovery), when one was run after compression."""
     if not isinstance(rec, dict) or rec.get("method") != "lora":
         return None
     return {**{k: rec.get(k) for k in ("rank", "alpha", "steps", "batch_size", "seqlen", "learning_rate", "seed")},
@@ -456,7 +456,7 @@ def _recovery(rec: Any) -> dict | None:
 
 
 def _quantization(rec: QuantizationRecord | None, source: Any) -> dict | None:
-    """The weight quantization of a checkpoint written by ``optimum_a3.quantization.save_quantized``."""
+    """The weight quantization of a checkpoint written by ``optimum_a3.integrations.quantization.save_quantized``."""
     if rec is None or rec.backend not in QUANTIZATION_LIBRARIES:
         return None
     groups = []
@@ -492,7 +492,7 @@ def card_data(context: dict):
     if context["base_model_type"]:
         tags.append(str(context["base_model_type"]))
     quantization = context["quantization"]
-    if quantization:  # loaded with optimum_a3.quantization.load_quantized, not with transformers' remote code
+    if quantization:  # loaded with optimum_a3.integrations.quantization.load_quantized, not with transformers' remote code
         tags += [quantization["library"]] + ([quantization["bits_text"]] if quantization["bits"] is not None else [])
     else:
         tags.append("custom_code")

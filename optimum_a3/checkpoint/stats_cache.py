@@ -39,8 +39,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .saving import partial_dir
-from .statistics import LayerStatistics, NonFiniteStatisticsError
-from .version import __version__
+from ..pipeline.statistics import LayerStatistics, NonFiniteStatisticsError
+from ..version import __version__
 
 _TENSOR_FIELDS = ("attn_input_autocorr", "down_input_sq_mean", "head_output_autocorr", "down_input_autocorr",
                   "attn_input_mean")

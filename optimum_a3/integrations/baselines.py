@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import adapter_for
+from ..models.adapters import adapter_for
 
 
 class LowRankLinear(nn.Module):

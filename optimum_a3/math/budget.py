@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .adapters import adapter_for, decoder_layers
+from ..models.adapters import adapter_for, decoder_layers
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from .errors import A3Error, one_line
+from ..errors import A3Error, one_line
 
 DEFAULT_MODEL = "smollm2-offline"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -103,15 +103,15 @@ def load_model_and_tokenizer(spec: str = DEFAULT_MODEL, dtype: torch.dtype | Non
     never need it (this package registers their classes), and without it such a checkpoint is refused
     with :class:`ModelLoadError`.
 
-    A checkpoint written by :func:`optimum_a3.quantization.save_quantized` (local or on the Hub) is loaded
-    with :func:`~optimum_a3.quantization.load_quantized`, in the dtype it was quantized in (``dtype`` must
+    A checkpoint written by :func:`optimum_a3.integrations.quantization.save_quantized` (local or on the Hub) is loaded
+    with :func:`~optimum_a3.integrations.quantization.load_quantized`, in the dtype it was quantized in (``dtype`` must
     then be ``None``): ``from_pretrained`` would silently re-initialise its quantized weights.
     """
     from transformers import AutoModelForCausalLM
 
     name, gguf_file = resolve_model_spec(spec)
     if gguf_file is None and _is_quantized_checkpoint(name):
-        from .quantization import load_quantized
+        from ..integrations.quantization import load_quantized
 
         if dtype is not None:
             raise ModelLoadError(f"{spec} is a quantized checkpoint: it computes in the dtype it was quantized in")
@@ -139,7 +139,7 @@ def _checked_config_dict(name: str, trust_remote_code: bool) -> dict:
     """config.json of a checkpoint to load, checked (:func:`load_checked_config`) and, for a local
     safetensors checkpoint, against its weights (:func:`check_config_describes_weights`); a size
     mismatch would otherwise be a traceback, and a missing tensor a randomly initialised one."""
-    from .streaming import empty_model, has_safetensors
+    from .weights import empty_model, has_safetensors
 
     if os.path.isdir(name) and has_safetensors(name):
         empty_model(name, torch.float32, trust_remote_code)  # checks config.json and the weights it describes

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .errors import A3Error
-from .models.a3_llama import A3LlamaConfig, A3LlamaForCausalLM
+from ..errors import A3Error
+from .a3_llama import A3LlamaConfig, A3LlamaForCausalLM
 
 
 class UnsupportedModelError(A3Error, ValueError):

@@ -37,11 +37,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import A3Error
-from .model_card import write_model_card
-from .records import (QUANTIZATION_KEY, QuantizationRecord, RecordError, compression_record, quantization_record,
+from ..errors import A3Error
+from ..checkpoint.model_card import write_model_card
+from ..checkpoint.records import (QUANTIZATION_KEY, QuantizationRecord, RecordError, compression_record, quantization_record,
                       set_quantization_record)
-from .saving import model_sources, save_tokenizer, write_atomically
+from ..checkpoint.saving import model_sources, save_tokenizer, write_atomically
 
 BACKENDS = ("hqq", "quanto")
 BITS = {"hqq": (1, 2, 3, 4, 8), "quanto": (2, 4, 8)}
@@ -119,7 +119,7 @@ def inference_mode_as_no_grad(model: nn.Module):
     """For a quanto model, make ``torch.inference_mode`` act as ``torch.no_grad`` while the block runs.
 
     optimum-quanto's 4-bit layers fail under ``torch.inference_mode`` on CPU ("Cannot set version_counter
-    for inference tensor", optimum-quanto issue #304), which ``optimum_a3.evaluation.perplexity`` uses;
+    for inference tensor", optimum-quanto issue #304), which ``optimum_a3.integrations.evaluation.perplexity`` uses;
     ``no_grad`` computes the same numbers. Other models are left alone.
     """
     if quantized_backend(model) != "quanto":

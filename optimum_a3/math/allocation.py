@@ -29,7 +29,7 @@ class Track:
     """One shrinkable dimension: ``marginal[k]`` is the error added by removing its k-th unit."""
 
     layer: int
-    component: str          # "qk", "vo" or "mlp"
+    component: str          # "qk", "ov" or "mlp" (the components of A3Config)
     full: int               # original dim
     step: int               # dims per unit (2 for RoPE pairs)
     params_per_unit: int
@@ -74,7 +74,7 @@ def layer_tracks(layer_idx: int, w: dict[str, torch.Tensor], stats, geometry, co
         spectrum = solvers.ov_error_spectrum(w["v"], w["o"], h, g, r_x=stats.attn_input_autocorr,
                                              g_z=stats.head_output_autocorr if geometry.is_mha else None)
         marginal = scale(spectrum.flip(-1).sum(dim=0))
-        tracks.append(Track(layer_idx, "vo", hd, 1, d * (g + h), marginal))
+        tracks.append(Track(layer_idx, "ov", hd, 1, d * (g + h), marginal))
     if "mlp" in components:
         scores = solvers.mlp_channel_scores(w["down"], stats.down_input_sq_mean)
         marginal = scale(scores.sort().values)
@@ -86,13 +86,13 @@ def _removed_params(tracks: list[Track], dims: dict[tuple[int, str], int]) -> in
     return sum((t.full - dims[(t.layer, t.component)]) // t.step * t.params_per_unit for t in tracks)
 
 
-def mixed_dims(tracks: list[Track], uniform: list[LayerDims], pools=(("qk",), ("vo", "mlp"))) -> list[LayerDims]:
+def mixed_dims(tracks: list[Track], uniform: list[LayerDims], pools=(("qk",), ("ov", "mlp"))) -> list[LayerDims]:
     """Per-layer dims with the uniform allocation's parameter count, redistributed by error."""
-    field = {"qk": "head_dim_qk", "vo": "head_dim_vo", "mlp": "intermediate_size"}
+    field = {"qk": "head_dim_qk", "ov": "head_dim_vo", "mlp": "intermediate_size"}
     uniform_dims = {(t.layer, t.component): getattr(uniform[t.layer], field[t.component]) for t in tracks}
     result = {(i, c): getattr(u, field[c]) for i, u in enumerate(uniform) for c in field}
     for pool in pools:
         pool_tracks = [t for t in tracks if t.component in pool]
         budget = _removed_params(pool_tracks, uniform_dims)
         result.update(greedy_allocate(pool_tracks, budget))
-    return [LayerDims(result[(i, "qk")], result[(i, "vo")], result[(i, "mlp")]) for i in range(len(uniform))]
+    return [LayerDims(result[(i, "qk")], result[(i, "ov")], result[(i, "mlp")]) for i in range(len(uniform))]

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import solvers
-from .adapters import Geometry
-from .budget import LayerDims
-from .config import A3Config
+from ..math import solvers
+from ..models.adapters import Geometry
+from ..math.budget import LayerDims
+from ..config import A3Config
 from .statistics import LayerStatistics
 
 

@@ -3,10 +3,10 @@
 * ``a3_compression`` (:class:`CompressionRecord`): how an A3 model was compressed (base model, ratio, dims,
   calibration, the A3 settings), with what the library counted or measured afterwards (``sizes``, ``recovery``,
   ``evaluation``). Written by :class:`~optimum_a3.A3Compressor`, extended by the CLI and
-  :func:`~optimum_a3.recovery.recover_with_lora`, read by the model card, the Hub push and recovery.
+  :func:`~optimum_a3.integrations.recovery.recover_with_lora`, read by the model card, the Hub push and recovery.
 * ``a3_quantization`` (:class:`QuantizationRecord`): how a checkpoint was quantized, written by
-  :func:`~optimum_a3.quantization.quantize_model` (and the CLI's evaluation), read back by
-  :func:`~optimum_a3.quantization.load_quantized`, the loaders, the model card and the Hub push.
+  :func:`~optimum_a3.integrations.quantization.quantize_model` (and the CLI's evaluation), read back by
+  :func:`~optimum_a3.integrations.quantization.load_quantized`, the loaders, the model card and the Hub push.
 
 On a model's config a record stays a plain JSON dict (the remote-code ``A3LlamaConfig`` declares
 ``a3_compression: dict`` and must not import this package); the dataclasses are its typed, validated view:
@@ -28,8 +28,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .errors import A3Error
-from .version import __version__
+from ..errors import A3Error
+from ..version import __version__
 
 COMPRESSION_KEY = "a3_compression"  # config.json key of the CompressionRecord
 QUANTIZATION_KEY = "a3_quantization"  # config.json key of the QuantizationRecord
@@ -161,7 +161,7 @@ class CompressionRecord(_Record):
         a3_config: ``A3Config.to_dict()`` (its ``dataset`` replaced by the description).
         sizes: ``[base, compressed]`` counts counted on both models: ``decoder_linear_params``, ``total_params``,
             ``kv_cache_bytes_per_token``.
-        recovery: the LoRA recovery fine-tune's settings and losses (:mod:`optimum_a3.recovery`).
+        recovery: the LoRA recovery fine-tune's settings and losses (:mod:`optimum_a3.integrations.recovery`).
         evaluation: measured perplexity: ``source``, ``seqlen``, ``max_windows``, ``ppl_dense``,
             ``ppl_compressed`` (``ppl_before_recovery`` after a recovery).
         extra: keys this version does not know (a newer version's, or a user's such as ``license``), kept.
@@ -223,7 +223,7 @@ class CompressionRecord(_Record):
 
 @dataclass(kw_only=True)
 class QuantizationRecord(_Record):
-    """``config.a3_quantization``: how a checkpoint was quantized (:mod:`optimum_a3.quantization`). Fields:
+    """``config.a3_quantization``: how a checkpoint was quantized (:mod:`optimum_a3.integrations.quantization`). Fields:
 
     Args:
         backend: ``"hqq"`` or ``"quanto"`` (required).

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from .data import join_rows, load_rows
-from .errors import A3Error
+from .text import join_rows, load_rows
+from ..errors import A3Error
 
 # Read ~4x more text than strictly needed so sampled windows come from across the source.
 _OVERSAMPLE = 4
@@ -52,7 +52,7 @@ def sample_windows(token_ids: torch.Tensor, nsamples: int, seqlen: int, seed: in
 
 
 def calibration_windows(tokenizer, source: Any, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """Token windows for calibration from any text source accepted by :func:`optimum_a3.data.load_rows`."""
+    """Token windows for calibration from any text source accepted by :func:`optimum_a3.calibration.text.load_rows`."""
     if tokenizer is None:
         raise CalibrationDataError("a tokenizer is needed to calibrate on text (or pass calibration_ids)")
     rows = load_rows(source)

@@ -25,7 +25,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import A3Error
+from ..errors import A3Error
 
 WIKIPEDIA_OFFLINE = "wikipedia-offline"
 WIKIPEDIA_HELDOUT_DOCS = 1000

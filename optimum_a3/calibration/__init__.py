@@ -1,0 +1,1 @@
+"""Calibration data: text sources (``text``) and the token windows cut from them (``windows``)."""

@@ -1,0 +1,1 @@
+"""Integrations built on other libraries: quantization backends, LoRA recovery, perplexity, SVD baselines."""

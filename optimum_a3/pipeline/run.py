@@ -1,0 +1,243 @@
+"""One compression run: choose the statistics source, the target dims and the skeleton, then run the loop.
+
+:func:`run_compression` is what ``A3Compressor.compress`` and ``compress_checkpoint`` both call; they differ
+only in where the original layers come from (in memory or read from a checkpoint) and in the sink.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoint.records import CompressionRecord, update_compression_record
+from ..checkpoint.stats_cache import StaleCacheEntry, StatisticsCache, statistics_key, tensor_digest
+from ..checkpoint.weight_checks import check_weights_read
+from ..config import _DIM_FIELDS, A3Config, A3ConfigError
+from ..math.allocation import layer_tracks, mixed_dims
+from ..math.budget import LayerDims, decoder_linear_params, kv_cache_bytes_per_token, total_params
+from ..models.adapters import adapter_for
+from ..version import __version__
+from .loop import LayerPlan, compress_layers
+from .sinks import ModelSink, ShardSink
+from .sources import (CachedStatistics, OriginalForward, RecordedToCache, SequentialForward, StatisticsSource,
+                      StoredStatistics)
+from .statistics import LayerStatistics
+from .surgery import empty_compressed_model
+
+# Below this many calibration tokens per MLP channel the down_proj refit is skipped (see _without_ill_posed_refit).
+MIN_TOKENS_PER_CHANNEL_FOR_REFIT = 2
+
+
+class StatisticsRun(list):
+    """The per-layer statistics of one calibration run (a list of :class:`LayerStatistics`), with the
+    description of its calibration data, which a later run reusing them records."""
+
+    def __init__(self, statistics=(), calibration: dict | None = None):
+        super().__init__(statistics)
+        self.calibration = calibration
+
+
+@dataclass
+class Calibration:
+    """The calibration data of a run: token windows (``None`` when statistics are handed in) and the
+    description recorded in the checkpoint."""
+
+    ids: torch.Tensor | None
+    record: dict
+
+
+@dataclass
+class CompressionResult:
+    """What a run returns: the compressed model (streamed: its layers are back on the meta device, their
+    tensors in the sink), the effective config, the calibration record, timings and kept statistics."""
+
+    model: nn.Module
+    config: A3Config
+    calibration: dict
+    timings: dict[str, Any]
+    statistics: StatisticsRun | None = None
+
+
+def run_compression(config: A3Config, model: nn.Module, calibration: Callable[[], Calibration], originals,
+                    make_sink: Callable[[], ModelSink | ShardSink], *, statistics: list[LayerStatistics] | None = None,
+                    stats_cache: str | None = None, progress: bool = True, keep_statistics: bool = False
+                    ) -> CompressionResult:
+    """Compress ``model`` (whose decoder layers ``originals`` hands out: resident or lazily read).
+
+    ``calibration`` is called once the config has been checked against the model (tokenizing the
+    calibration text is the first expensive step). With ``stats_cache``, a cached entry is used when it
+    covers the run; one found not to match this model or damaged mid-way is deleted (with a warning) and
+    the run starts again computing the statistics. ``make_sink`` gives a fresh sink for each attempt."""
+    adapter = adapter_for(model)
+    check_weights_read(model)  # what is in memory now; lazily read layers are checked as they are read
+    cfg = _restricted_to(adapter, config)
+    geometry = adapter.geometry(model)
+    dims = cfg.layer_dims(geometry.num_layers, geometry.head_dim, geometry.intermediate_size, rope=geometry.rope)
+    torch.manual_seed(cfg.seed)
+    data = calibration()
+    tokens = statistics[0].num_tokens if statistics else data.record["tokens"]
+    cfg = _without_ill_posed_refit(cfg, tokens, geometry.intermediate_size)
+    _check_reuse(cfg, statistics, stats_cache, geometry.num_layers)
+    plan = LayerPlan(adapter, geometry, dims, cfg)
+    attempt = functools.partial(_attempt, plan, model, data, originals, make_sink, statistics, stats_cache,
+                                progress=progress, keep_statistics=keep_statistics)
+    try:
+        return attempt(reuse_cache=True)
+    except StaleCacheEntry:  # deleted, with a warning: start again, computing the statistics
+        return attempt(reuse_cache=False)
+
+
+def _attempt(plan: LayerPlan, model, calibration: Calibration, originals, make_sink, statistics, stats_cache, *,
+             reuse_cache: bool, progress: bool, keep_statistics: bool) -> CompressionResult:
+    start = time.perf_counter()
+    source, cache_hit = _source(plan, model, calibration, statistics, stats_cache, reuse_cache)
+    sink = make_sink()
+    completed = False
+    try:
+        with _eval_mode(model):
+            if plan.config.allocation == "mixed":  # every layer's statistics are needed before any dim
+                source, plan = _mixed_plan(plan, originals, source)
+            record = _record(model, plan.dims, calibration.record, plan.config)
+            compressed = empty_compressed_model(plan.adapter, model, plan.dims, record, materialize=sink.materialize)
+            report = compress_layers(plan, originals, compressed, source, sink, progress, keep_statistics)
+        completed = True
+    finally:
+        source.close(completed)
+        if not completed:
+            sink.discard()
+            originals.release_all()
+    sink.finish(model, compressed)
+    # Counted on both models; the base figures cannot be derived from the checkpoint later.
+    update_compression_record(compressed.config, sizes={name: [count(model), count(compressed)] for name, count in (
+        ("decoder_linear_params", decoder_linear_params), ("total_params", total_params),
+        ("kv_cache_bytes_per_token", kv_cache_bytes_per_token))})
+    total = time.perf_counter() - start
+    timings = {"total_s": total, "solve_s": report.solve_s, "calibration_forward_s": total - report.solve_s,
+               "stats_cache_hit": cache_hit}
+    kept = StatisticsRun(report.statistics, calibration.record) if keep_statistics else None
+    return CompressionResult(compressed.eval(), plan.config, calibration.record, timings, kept)
+
+
+def _source(plan: LayerPlan, model, calibration: Calibration, statistics, stats_cache,
+            reuse_cache: bool) -> tuple[StatisticsSource, bool]:
+    """Where the statistics come from: handed in, a cache entry, or a calibration forward (recorded to the
+    cache when there is one); returns the source and whether it is a cache hit."""
+    if statistics is not None:
+        return StoredStatistics(statistics), False
+    cfg, geometry = plan.config, plan.geometry
+    want_head = geometry.is_mha and "ov" in cfg.components
+    cache = None
+    if stats_cache is not None:
+        key = statistics_key(model.config.to_dict(), _embedding_digest(model), calibration.ids)
+        cache = StatisticsCache(str(stats_cache), key)
+        if reuse_cache and cache.covers(geometry.num_layers, want_head, cfg.mlp_refit):
+            return CachedStatistics(cache), True
+    forward = SequentialForward if cfg.sequential else OriginalForward
+    options = {"hold_mlp_intermediate": cfg.hold_mlp_intermediate} if cfg.sequential else {}
+    with _eval_mode(model):
+        source = forward(model, plan.adapter, geometry, calibration.ids, batch_size=cfg.batch_size,
+                         want_head_autocorr=want_head, want_down_autocorr=cfg.mlp_refit, device=cfg.device, **options)
+    if cache is not None:
+        source = RecordedToCache(source, cache, geometry.num_layers, calibration.record)
+    return source, False
+
+
+def _mixed_plan(plan: LayerPlan, originals, source: StatisticsSource) -> tuple[StatisticsSource, LayerPlan]:
+    """Mixed allocation (§7): a first pass takes every layer's statistics and its error tracks, the dims
+    are allocated from all of them, and the loop then reads the statistics kept from that pass."""
+    statistics, tracks = [], []
+    for idx in range(plan.geometry.num_layers):
+        layer = originals.get(idx)
+        source.attention(idx, layer)
+        stats = source.mlp(idx, layer, None)
+        source.advance(idx, layer, None, None)
+        weights = {name: lin.weight.detach().to(torch.float64).T for name, lin in plan.adapter.linears(layer).items()}
+        tracks += layer_tracks(idx, weights, stats, plan.geometry, plan.config.components)
+        statistics.append(stats)
+        originals.release(idx)
+    source.close(True)
+    return StoredStatistics(statistics), dataclasses.replace(plan, dims=mixed_dims(tracks, plan.dims))
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """No dropout in the statistics; the model's mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _check_reuse(cfg: A3Config, statistics, stats_cache, num_layers: int) -> None:
+    if statistics is not None and len(statistics) != num_layers:
+        raise ValueError(f"statistics cover {len(statistics)} layers, the model has {num_layers}")
+    if (statistics is not None or stats_cache is not None) and cfg.sequential:
+        raise A3ConfigError("sequential calibration cannot reuse statistics (they depend on the compressed "
+                            "layers): use method='paper' or sequential=False")
+    if statistics is not None and cfg.mlp_refit and statistics[0].down_input_autocorr is None:
+        raise ValueError("mlp_refit needs statistics collected with mlp_refit=True (the down_proj autocorrelation)")
+
+
+def _embedding_digest(model: nn.Module) -> str:
+    """Digest of the input embeddings, which the statistics depend on besides the decoder layers (those
+    are checked per cache entry as they are read). Materialised in both modes, so no extra read."""
+    return tensor_digest(model.get_input_embeddings().state_dict())
+
+
+def _restricted_to(adapter, cfg: A3Config) -> A3Config:
+    """Drop the components this architecture cannot compress (Qwen3's normalised q/k), loudly; an
+    explicit dim for such a component is an error."""
+    unsupported = [c for c in cfg.components if c not in adapter.compressible_components]
+    if not unsupported:
+        return cfg
+    explicit = [c for c in unsupported if getattr(cfg, _DIM_FIELDS[c]) is not None]
+    if explicit:
+        raise A3ConfigError(f"{type(adapter).__name__}: {', '.join(explicit)} cannot be compressed in this "
+                            f"architecture ({adapter.__doc__.strip().splitlines()[0]})")
+    kept = tuple(c for c in cfg.components if c in adapter.compressible_components)
+    warnings.warn(f"{', '.join(unsupported)} left uncompressed for this architecture (see "
+                  f"{type(adapter).__name__}); the ratio applies to {', '.join(kept)} only", stacklevel=4)
+    return dataclasses.replace(cfg, components=kept)
+
+
+def _without_ill_posed_refit(cfg: A3Config, tokens: int | None, intermediate_size: int) -> A3Config:
+    """The refit solves an intermediate-sized least-squares problem: with fewer than two calibration
+    tokens per MLP channel it overfits (measured: worse than no refit), so it is skipped, loudly."""
+    if cfg.mlp_refit and tokens is not None and tokens < MIN_TOKENS_PER_CHANNEL_FOR_REFIT * intermediate_size:
+        warnings.warn(
+            f"mlp_refit skipped: {tokens} calibration tokens < {MIN_TOKENS_PER_CHANNEL_FOR_REFIT} x intermediate_size "
+            f"({intermediate_size}); use more calibration data to enable it", stacklevel=4)
+        return dataclasses.replace(cfg, mlp_refit=False)
+    return cfg
+
+
+def _record(model, dims: list[LayerDims], calibration: dict, cfg: A3Config) -> dict[str, Any]:
+    """The ``a3_compression`` record of the compressed config (``sizes`` are added once counted)."""
+    config_dict = cfg.to_dict()
+    config_dict["dataset"] = calibration["dataset"]  # never embed user text in the checkpoint
+    per_layer = lambda name: [getattr(d, name) for d in dims]  # noqa: E731
+    return CompressionRecord(
+        library_version=__version__,
+        base_model=getattr(model.config, "_name_or_path", None) or None,
+        base_model_type=model.config.model_type,
+        ratio=cfg.ratio,
+        preset=cfg.method,
+        allocation=cfg.allocation,
+        mlp_refit=cfg.mlp_refit,
+        sequential=cfg.sequential,
+        components=list(cfg.components),
+        dims={name: per_layer(name) for name in ("head_dim_qk", "head_dim_vo", "intermediate_size")},
+        calibration=calibration,
+        a3_config=config_dict,
+    ).to_dict()

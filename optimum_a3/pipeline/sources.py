@@ -1,0 +1,219 @@
+"""Statistics sources: where each decoder layer's statistics come from.
+
+The layer loop (:mod:`optimum_a3.pipeline.loop`) asks a source three things per layer, in order:
+
+* ``attention(idx, layer)``: statistics holding at least the attention part (method page §2);
+* ``mlp(idx, layer, compressed)``: the complete statistics; ``compressed`` is the compressed layer with
+  its attention already solved (sequential calibration takes the MLP statistics on its output);
+* ``advance(idx, layer, compressed, kept_channels)``: prepare the next layer's inputs, once the
+  compressed layer is finished.
+
+Sources: :class:`OriginalForward` (the original model, method page §2, the paper), :class:`SequentialForward`
+(the model being compressed, method page §6), :class:`StoredStatistics` (handed in by the caller),
+:class:`CachedStatistics` (read from the disk cache, each layer's weights checked against the entry), and
+:class:`RecordedToCache`, which writes what another source computes into a cache entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..checkpoint.stats_cache import LayerDigestChain, StatisticsCache
+from ..models.adapters import Geometry
+from .forward import LayerInput, capture_first_layer_inputs, input_of, layer_output, run_until_stopped, stop
+from .statistics import LayerStatistics, StatisticsCollector
+
+
+class StatisticsSource:
+    """The interface; by default a layer's statistics are complete from ``attention`` on."""
+
+    # True when ``mlp`` runs the compressed attention: the loop must put it into ``compressed`` first.
+    runs_compressed_attention = False
+
+    def attention(self, idx: int, layer: nn.Module) -> LayerStatistics:
+        raise NotImplementedError
+
+    def mlp(self, idx: int, layer: nn.Module, compressed: nn.Module) -> LayerStatistics:
+        return self._last
+
+    def advance(self, idx: int, layer: nn.Module, compressed: nn.Module, kept_channels: torch.Tensor) -> None:
+        pass
+
+    def close(self, completed: bool) -> None:
+        """Called once after the last layer (``completed``) or on a failure."""
+
+
+class StoredStatistics(StatisticsSource):
+    """Statistics computed earlier on the same model and calibration data (e.g. ``last_statistics``)."""
+
+    def __init__(self, statistics: list[LayerStatistics]):
+        self.statistics = statistics
+
+    def attention(self, idx, layer):
+        self._last = self.statistics[idx]
+        return self._last
+
+
+class CachedStatistics(StatisticsSource):
+    """A statistics cache entry; each layer's weights are checked against the entry as the layer is read
+    (a mismatch raises :class:`~optimum_a3.checkpoint.stats_cache.StaleCacheEntry`)."""
+
+    def __init__(self, cache: StatisticsCache):
+        self.cache, self.weights = cache, LayerDigestChain()
+
+    def attention(self, idx, layer):
+        self._last = self.cache.load(idx)
+        self.cache.check_weights(idx, self.weights.add(layer))
+        return self._last
+
+
+class RecordedToCache(StatisticsSource):
+    """Another source whose complete statistics are written into a new cache entry, committed when every
+    layer is done and dropped on a failure."""
+
+    def __init__(self, source: StatisticsSource, cache: StatisticsCache, num_layers: int, calibration: dict):
+        self.source, self.entry, self.weights = source, cache.writer(num_layers, calibration), LayerDigestChain()
+        self.runs_compressed_attention = source.runs_compressed_attention
+
+    def attention(self, idx, layer):
+        return self.source.attention(idx, layer)
+
+    def mlp(self, idx, layer, compressed):
+        stats = self.source.mlp(idx, layer, compressed)
+        self.entry.add(idx, stats, self.weights.add(layer))
+        return stats
+
+    def advance(self, idx, layer, compressed, kept_channels):
+        self.source.advance(idx, layer, compressed, kept_channels)
+
+    def close(self, completed):
+        self.source.close(completed)
+        self.entry.commit() if completed else self.entry.abort()
+
+
+class OriginalForward(StatisticsSource):
+    """Statistics of the ORIGINAL model, as GPTQ and SVD-LLM take them: the inputs of layer 0 are captured
+    once, each layer runs on them with the collector's hooks, and its outputs are the next layer's inputs."""
+
+    def __init__(self, model: nn.Module, adapter, geometry: Geometry, input_ids: torch.Tensor, *, batch_size: int,
+                 want_head_autocorr: bool, want_down_autocorr: bool, device=None):
+        self.adapter, self.geometry = adapter, geometry
+        self.want_head_autocorr, self.want_down_autocorr = want_head_autocorr, want_down_autocorr
+        device = torch.device(device) if device is not None else model.get_input_embeddings().weight.device
+        with torch.inference_mode():
+            self.inputs: list[LayerInput] = capture_first_layer_inputs(
+                model, adapter.layers(model), input_ids, batch_size, device)
+
+    def _collector(self) -> StatisticsCollector:
+        self._residual_sq = sum(hidden.to(torch.float64).pow(2).sum().item() for hidden, _ in self.inputs)
+        return StatisticsCollector(self.geometry.num_heads, self.geometry.head_dim, self.want_head_autocorr,
+                                   self.want_down_autocorr)
+
+    def _ready(self, idx: int, result: Callable[[], LayerStatistics]) -> LayerStatistics:
+        """The collector's ``result`` (its hooks ran in inference mode, so it is computed there too), as
+        normal tensors: the solvers run outside inference mode, as on statistics read from the cache."""
+        with torch.inference_mode():
+            stats = result()
+        stats = LayerStatistics(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in vars(stats).items()})
+        stats.residual_sq_mean = self._residual_sq / stats.num_tokens
+        stats.check_finite(idx)
+        return stats
+
+    def attention(self, idx, layer):
+        """One forward of the original layer with every statistic's hook (the MLP's too)."""
+        collector = self._collector()
+        hooks = [self.adapter.attention_input_module(layer).register_forward_pre_hook(collector.attention_input),
+                 self.adapter.mlp_down_module(layer).register_forward_pre_hook(collector.down_input)]
+        if self.want_head_autocorr:
+            hooks.append(self.adapter.attention_output_module(layer).register_forward_pre_hook(collector.attention_output))
+        try:
+            with torch.inference_mode():
+                self._outputs = [(layer_output(layer, hidden, kwargs), kwargs) for hidden, kwargs in self.inputs]
+        finally:
+            for h in hooks:
+                h.remove()
+        self._last = self._ready(idx, collector.result)
+        return self._last
+
+    def advance(self, idx, layer, compressed, kept_channels):
+        self.inputs, self._outputs = self._outputs, None
+
+
+class SequentialForward(OriginalForward):
+    """Statistics of the model being compressed (method page §6): layer ``l``'s attention statistics on the
+    output of the compressed layers ``< l``, its MLP statistics on the output of its compressed attention.
+
+    It runs no more than one layer forward per layer: the original attention only as far as its statistics
+    need (GQA: not at all), the compressed attention, the original gate/up projections, and the compressed
+    down_proj on the kept channels of their output (the compressed gate/up are those channels' rows). That
+    output is held for one layer: tokens x intermediate_size values in the model's dtype. With
+    ``hold_mlp_intermediate=False`` nothing is held and the whole compressed MLP runs instead (the same
+    values; its gate/up run a second time, at the kept width, for that memory).
+    """
+
+    runs_compressed_attention = True
+
+    def __init__(self, *args, hold_mlp_intermediate: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hold_mlp_intermediate = hold_mlp_intermediate
+
+    def attention(self, idx, layer):
+        """R_x is the input of q_proj and G_z (MHA) the input of o_proj: the original layer runs that far."""
+        self._collector_of_layer = collector = self._collector()
+        adapter = self.adapter
+        last = adapter.attention_output_module(layer) if self.want_head_autocorr else adapter.attention_input_module(layer)
+        hooks = [adapter.attention_input_module(layer).register_forward_pre_hook(collector.attention_input)]
+        if self.want_head_autocorr:
+            hooks.append(adapter.attention_output_module(layer).register_forward_pre_hook(collector.attention_output))
+        hooks.append(last.register_forward_pre_hook(stop))
+        try:
+            with torch.inference_mode():
+                for hidden, kwargs in self.inputs:
+                    run_until_stopped(layer, hidden, **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        self._attention = self._ready(idx, collector.attention_result)
+        return self._attention
+
+    def mlp(self, idx, layer, compressed):
+        """The MLP statistics of the ORIGINAL gate/up on the residual stream after the compressed attention
+        (down_proj itself need not run); its input is held if asked (see :meth:`advance`)."""
+        adapter, collector = self.adapter, self._collector_of_layer
+        self._intermediates = []
+        down = adapter.mlp_down_module(layer)
+        hooks = [down.register_forward_pre_hook(collector.down_input)]
+        if self.hold_mlp_intermediate:
+            hooks.append(down.register_forward_pre_hook(lambda _, args: self._intermediates.append(args[0])))
+        hooks.append(down.register_forward_pre_hook(stop))
+        try:
+            with torch.inference_mode():
+                # The residual stream after the compressed attention: what the MLP's norm receives.
+                self._mids = [(input_of(adapter.post_attention_norm_module(compressed), compressed, hidden, kwargs),
+                               kwargs) for hidden, kwargs in self.inputs]
+                for mid, _ in self._mids:
+                    run_until_stopped(adapter.mlp_module(layer), adapter.post_attention_norm_module(layer)(mid))
+        finally:
+            for h in hooks:
+                h.remove()
+        return self._ready(idx, lambda: collector.with_mlp_result(self._attention))
+
+    def advance(self, idx, layer, compressed, kept_channels):
+        """The compressed MLP completes the compressed layer's output. Its gate/up are the original rows of
+        the kept channels, so their output is in hand if it was held: only down_proj runs. Each batch is
+        replaced in place, so the layer never holds the stream after attention and the outputs in full."""
+        mids, held = self._mids, self._intermediates
+        if self.hold_mlp_intermediate:
+            kept_channels = kept_channels.to(held[0].device)  # the solver may run on another device
+        with torch.inference_mode():
+            for k, (mid, kwargs) in enumerate(mids):
+                if self.hold_mlp_intermediate:
+                    out = self.adapter.mlp_residual_from_intermediate(compressed, mid, held[k][..., kept_channels])
+                    held[k] = None
+                else:
+                    out = self.adapter.mlp_residual(compressed, mid)
+                mids[k] = (out, kwargs)
+        self.inputs, self._mids, self._intermediates = mids, None, None

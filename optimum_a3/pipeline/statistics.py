@@ -1,0 +1,115 @@
+"""Calibration statistics (method page §2): what they are and the hooks that accumulate them.
+
+:class:`LayerStatistics` holds one decoder layer's float64 statistics; :class:`StatisticsCollector` is a
+set of forward pre-hooks that sum them while a layer runs. Which forward runs, on which inputs, is the
+business of the statistics sources (:mod:`optimum_a3.pipeline.sources`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import A3Error
+from ..math.linalg import add_gram_upper_, mirror_gram_upper_
+
+
+class NonFiniteStatisticsError(A3Error, RuntimeError):
+    """Calibration produced NaN/Inf statistics (overflowing activations or a broken model)."""
+
+
+@dataclass
+class LayerStatistics:
+    """Float64 statistics of one decoder layer (``T`` tokens)."""
+
+    attn_input_autocorr: torch.Tensor            # R_x (d_model, d_model)
+    down_input_sq_mean: torch.Tensor | None      # m_d (intermediate,); None while only attention is known
+    head_output_autocorr: torch.Tensor | None    # G_z (num_heads, head_dim, head_dim), MHA OV only
+    down_input_autocorr: torch.Tensor | None     # R_d (intermediate, intermediate), refit only
+    num_tokens: int
+    residual_sq_mean: float = float("nan")       # E||h||² of the residual stream entering the layer
+    attn_input_mean: torch.Tensor | None = None  # E[x] (d_model,): with R_x, the statistics of [x, 1] (biases)
+
+    @property
+    def complete(self) -> bool:
+        """False for the attention-only statistics that sequential calibration yields first."""
+        return self.down_input_sq_mean is not None
+
+    def augmented_attn_input_autocorr(self) -> torch.Tensor:
+        """Autocorrelation of the input augmented with a constant 1, ``E[[x,1]ᵀ[x,1]]`` (method §6, biases)."""
+        mean = self.attn_input_mean
+        top = torch.cat([self.attn_input_autocorr, mean[:, None]], dim=1)
+        bottom = torch.cat([mean, mean.new_ones(1)])[None]
+        return torch.cat([top, bottom], dim=0)
+
+    def check_finite(self, layer_idx: int) -> None:
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor) and not torch.isfinite(value).all():
+                raise NonFiniteStatisticsError(f"layer {layer_idx}: non-finite values in {name}")
+
+    def to(self, device) -> LayerStatistics:
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
+        return LayerStatistics(**moved)
+
+
+class StatisticsCollector:
+    """Forward pre-hooks summing outer products (float64) of the inputs of three projections: the
+    attention input (q_proj), the attention-weighted values (o_proj, MHA only) and down_proj's input."""
+
+    def __init__(self, num_heads: int, head_dim: int, want_head_autocorr: bool, want_down_autocorr: bool):
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.want_head_autocorr, self.want_down_autocorr = want_head_autocorr, want_down_autocorr
+        self.r_x = self.s_x = self.g_z = self.m_d = self.r_d = None
+        self.tokens = 0
+
+    @staticmethod
+    def _rows(inputs) -> torch.Tensor:
+        x = inputs[0]
+        return x.reshape(-1, x.shape[-1]).to(torch.float64)
+
+    def attention_input(self, module, inputs):
+        x = self._rows(inputs)
+        self.tokens += x.shape[0]
+        if self.r_x is None:
+            self.r_x, self.s_x = x.new_zeros(x.shape[1], x.shape[1]), x.new_zeros(x.shape[1])
+        add_gram_upper_(self.r_x, x)
+        self.s_x.add_(x.sum(dim=0))
+
+    def attention_output(self, module, inputs):
+        z = self._rows(inputs).view(-1, self.num_heads, self.head_dim)
+        outer = torch.einsum("thi,thj->hij", z, z)
+        self.g_z = outer if self.g_z is None else self.g_z.add_(outer)
+
+    def down_input(self, module, inputs):
+        x = self._rows(inputs)
+        if self.m_d is None:
+            self.m_d = x.new_zeros(x.shape[1])
+            if self.want_down_autocorr:
+                self.r_d = x.new_zeros(x.shape[1], x.shape[1])
+        self.m_d.add_(x.pow(2).sum(dim=0))
+        if self.want_down_autocorr:
+            add_gram_upper_(self.r_d, x)
+
+    def attention_result(self) -> LayerStatistics:
+        """The attention statistics (``complete`` False)."""
+        t = self.tokens
+        return LayerStatistics(
+            attn_input_autocorr=mirror_gram_upper_(self.r_x) / t,
+            down_input_sq_mean=None,
+            head_output_autocorr=self.g_z / t if self.want_head_autocorr else None,
+            down_input_autocorr=None,
+            num_tokens=t,
+            attn_input_mean=self.s_x / t,
+        )
+
+    def with_mlp_result(self, stats: LayerStatistics) -> LayerStatistics:
+        """``stats`` completed with the MLP statistics."""
+        t = self.tokens
+        return dataclasses.replace(
+            stats, down_input_sq_mean=self.m_d / t,
+            down_input_autocorr=mirror_gram_upper_(self.r_d) / t if self.want_down_autocorr else None)
+
+    def result(self) -> LayerStatistics:
+        return self.with_mlp_result(self.attention_result())
