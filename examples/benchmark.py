@@ -15,6 +15,8 @@ Three phases; keep the machine quiet during the first two, whose figures are tim
    included), best round per model, so that drift and transient slowdowns hit every model alike.
 3. evaluation: perplexity of every model (the long part: ~12 min per model for the full split on 2
    CPU cores); these figures do not depend on what else runs.
+4. with ``--tasks``: lm-evaluation-harness accuracy of every model on those tasks (the 'eval' extra),
+   one table column per task metric (acc and acc_norm where the task has them).
 
 ``results.json`` is rewritten after every step, so a cut-off run keeps what it measured (rows without
 ``ppl`` are not evaluated yet; ``--report-only`` tabulates what is there). Every model stays in memory
@@ -242,6 +244,20 @@ def evaluate(args, built: list[Built], eval_ids: torch.Tensor, save) -> None:
         save(built)
 
 
+def zero_shot(args, built: list[Built], tok, selection, save) -> None:
+    """Phase 4 (--tasks): lm-eval accuracy of every model, through optimum_a3.integrations.zero_shot."""
+    from optimum_a3.integrations.zero_shot import score_model
+
+    for entry in built:
+        row = entry.row
+        print(f"[{row['method']} {row['ratio']}] lm-eval on {', '.join(selection.names)}", flush=True)
+        device = str(next(entry.model.parameters()).device)  # where the other phases ran
+        scored = score_model(entry.model, tok, selection, batch_size=args.tasks_batch_size, limit=args.tasks_limit,
+                             device=device, name=f"{row['method']} {row['ratio']}")
+        row["lm_eval"] = scored["tasks"]
+        save(built)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-offline")
@@ -261,6 +277,11 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench_results")
     p.add_argument("--report-only", action="store_true", help="rewrite the table and plot from --out/results.json")
+    p.add_argument("--tasks", default=None, help="also lm-eval accuracy on these comma-separated tasks (e.g. "
+                   "arc_easy,hellaswag; needs optimum-a3[eval]); one column per task metric")
+    p.add_argument("--tasks-limit", type=float, default=None, help="lm-eval: at most N documents per task")
+    p.add_argument("--tasks-batch-size", type=int, default=1, help="lm-eval: requests per forward pass")
+    p.add_argument("--include-path", default=None, help="lm-eval: folder of extra task YAML files")
     args = p.parse_args()
     if args.report_only:
         with open(os.path.join(args.out, "results.json")) as f:
@@ -275,6 +296,13 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(args.seed)
     threads = torch.get_num_threads()
+    selection = None
+    if args.tasks:  # unknown task names or unreachable task data fail now, not after hours of compressing
+        from optimum_a3.integrations.zero_shot import select_tasks
+
+        selection = select_tasks(args.tasks, args.include_path)
+        if args.tasks_limit is not None and args.tasks_limit >= 1:
+            args.tasks_limit = int(args.tasks_limit)
     model, tok = load_model_and_tokenizer(args.model)
     calib = calibration_windows(tok, args.calibration, args.nsamples, args.seqlen, args.seed)
     if args.eval_source is None or args.eval_source.endswith(".raw"):
@@ -292,6 +320,8 @@ def main():
     built = build_models(args, model, calib, save)
     measure_speed(args, built, model.config.vocab_size, save)
     evaluate(args, built, eval_ids, save)
+    if selection is not None:
+        zero_shot(args, built, tok, selection, save)
     write_report(args, [b.row for b in built], threads)
 
 
@@ -313,9 +343,23 @@ def _speed(row, dense, key, spec):
     return f"{value:{spec}}" + (f" ({value / base:.2f}x)" if base else "")
 
 
+def _task_columns(args, rows):
+    """lm-eval columns (``--tasks``): ``(header, [cell per row])``; none without --tasks."""
+    if not getattr(args, "tasks", None):  # older results.json: no such option
+        return [], [[] for _ in rows]
+    from optimum_a3.integrations.zero_shot import format_metric, metric_columns
+
+    columns = metric_columns([r.get("lm_eval") or {} for r in rows])
+    header = [f"{task} {metric}" for task, metric in columns]
+    cells = [[format_metric((r.get("lm_eval") or {}).get(task, {}).get(metric)) for task, metric in columns]
+             for r in rows]
+    return header, cells
+
+
 def write_report(args, rows, threads):
     """results.md (and the plot, once the dense model is evaluated) from the rows measured so far."""
     dense = next((r for r in rows if r["method"] == "dense"), None)
+    task_header, task_cells = _task_columns(args, rows)
     forwards = [r["calib_forward_s"] for r in rows if r.get("calib_forward_s")]
     forward_text = f"{min(forwards):.1f}-{max(forwards):.1f} s" if forwards else "not measured"
     windows = (dense or {}).get("eval_windows")
@@ -328,10 +372,14 @@ def write_report(args, rows, threads):
         "",
         "| method | ratio | WikiText-2 ppl | decoder linear params | total params | checkpoint MB | KV bytes/token "
         "| compress s | calib fwd alone s | compress / calib fwd | calib fwd share | peak extra MB "
-        "| prefill tok/s (x dense) | decode tok/s (x dense) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| prefill tok/s (x dense) | decode tok/s (x dense) |" + "".join(f" {h} |" for h in task_header),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(task_header),
     ]
-    for r in rows:
+    if task_header:
+        limit = args.tasks_limit
+        lines[0] += (f" lm-eval tasks {args.tasks} (each task's default few-shot count"
+                     + ("" if limit is None else f", at most {limit} documents per task") + ").")
+    for r, cells in zip(rows, task_cells):
         size = r.get("checkpoint_bytes")
         lines.append(
             f"| {r['method']} | {r['ratio']:.1f} | {_fmt(r.get('ppl'), '.2f')} | {_fmt(r.get('decoder_linear_params'), ',')} "
@@ -341,6 +389,7 @@ def write_report(args, rows, threads):
             f"| {_fmt(r.get('compress_over_calib_forward'), '.2f')} | {_fmt(r.get('calib_forward_share'), '.0%')} "
             f"| {_fmt(r.get('compress_peak_extra_mb'), '.0f')} "
             f"| {_speed(r, dense, 'prefill_tok_s', '.0f')} | {_speed(r, dense, 'decode_tok_s', '.1f')} |"
+            + "".join(f" {c} |" for c in cells)
         )
     table = "\n".join(lines)
     with open(os.path.join(args.out, "results.md"), "w") as f:

@@ -149,17 +149,20 @@ def build_parser() -> argparse.ArgumentParser:
                           "checked before compressing")
     _add_hub_options(hub)
 
-    e = _add_command(sub, "eval", "perplexity of a model (the GPTQ / SVD-LLM / A3 protocol)",
-                     "Perplexity of MODEL on non-overlapping windows of SOURCE (the GPTQ / SVD-LLM / A3 protocol). "
+    e = _add_command(sub, "eval", "perplexity (or lm-eval task accuracy with --tasks) of a model",
+                     "Perplexity of MODEL on non-overlapping windows of SOURCE (the GPTQ / SVD-LLM / A3 protocol); "
+                     "with --tasks, lm-evaluation-harness accuracy on those tasks instead (acc, acc_norm; needs "
+                     "the 'eval' extra), of MODEL and optionally of --base. "
                      "A3 checkpoints load with this library's own model class, quantized ones (`optimum-a3 "
                      "quantize`) with optimum_a3.integrations.quantization.load_quantized; code shipped with a model runs only "
-                     "with --trust-remote-code.", EVAL_EXAMPLES)
+                     "with --trust-remote-code.", EVAL_EXAMPLES + ZERO_SHOT_EXAMPLES)
     e.add_argument("model", help="compressed checkpoint directory, hub id, .gguf file or 'smollm2-offline'")
     e.add_argument("--source", default="wikitext2",
                    help="wikitext2 (local ../shared file first, then datasets), wikitext2:PATH, a text file, "
                         "or wikipedia-offline:heldout")
     _add_eval_options(e)
     _add_trust_remote_code_option(e)
+    _add_zero_shot_options(e)
 
     p = _add_command(sub, "push", "upload a saved compressed checkpoint to the Hub",
                      "Upload the checkpoint in DIRECTORY (written by `optimum-a3 compress`, `optimum-a3 quantize`, "
@@ -319,10 +322,79 @@ def _use_streaming(args) -> bool:
     return False
 
 
+ZERO_SHOT_EXAMPLES = """
+  # lm-evaluation-harness accuracy of the checkpoint and of its base model (the paper's table rows)
+  optimum-a3 eval outputs/smollm2-a3-20 --tasks arc_easy,arc_challenge,hellaswag,piqa,winogrande \\
+      --base HuggingFaceTB/SmolLM2-135M --batch-size 8 --output-dir outputs/zero-shot
+
+  # a task of your own (lm-eval YAML files in a folder), 100 documents per task
+  optimum-a3 eval outputs/smollm2-a3-20 --tasks my_task --include-path my_tasks/ --limit 100
+"""
+_ZERO_SHOT_ONLY = ("base", "include_path", "num_fewshot", "limit", "batch_size", "device", "output_dir")
+
+
+def _add_zero_shot_options(p: argparse.ArgumentParser) -> None:
+    z = p.add_argument_group("lm-evaluation-harness tasks (instead of perplexity; needs optimum-a3[eval])")
+    z.add_argument("--tasks", default=None, metavar="LIST",
+                   help="comma-separated lm-eval tasks, groups or tags (e.g. arc_easy,hellaswag,piqa); the "
+                        "perplexity options are then not used")
+    z.add_argument("--base", default=None, metavar="MODEL",
+                   help="also evaluate this (uncompressed) model, for the comparison row")
+    z.add_argument("--include-path", default=None, metavar="DIR", help="folder of extra lm-eval task YAML files")
+    z.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's, mostly 0)")
+    z.add_argument("--limit", type=float, default=None,
+                   help="at most N documents per task (below 1: that fraction); quick checks only")
+    z.add_argument("--batch-size", type=_batch_size, default=None, metavar="N|auto",
+                   help="requests per forward pass (default 1), or auto (lm-eval finds the largest that fits)")
+    z.add_argument("--device", default=None, help="cuda, cuda:1, cpu... (default: cuda when available)")
+    z.add_argument("--bootstrap-iters", type=int, default=100000,
+                   help="lm-eval's bootstrap iterations for non-mean stderrs (0: none; default 100000)")
+    z.add_argument("--output-dir", default=None, metavar="DIR",
+                   help="also write zero_shot.json and zero_shot.md (the Markdown table) there")
+
+
+def _batch_size(text: str) -> int | str:
+    """--batch-size: a positive integer, or lm-eval's ``auto`` / ``auto:N``."""
+    if text == "auto" or text.startswith("auto:") and text[5:].isdigit():
+        return text
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected a positive integer or auto, not {text!r}")
+
+
+def _run_zero_shot(args) -> dict:
+    """``optimum-a3 eval MODEL --tasks ...``: lm-eval on MODEL (and --base); the table goes to stderr."""
+    from .integrations.zero_shot import evaluate_zero_shot, to_markdown
+
+    for spec in (args.model, args.base):
+        if spec is not None:
+            _check_model_spec(spec)
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit  # below 1: a fraction
+    result = evaluate_zero_shot(args.model, args.tasks, base=args.base, batch_size=args.batch_size or 1, limit=limit,
+                                num_fewshot=args.num_fewshot, device=args.device, include_path=args.include_path,
+                                trust_remote_code=args.trust_remote_code, bootstrap_iters=args.bootstrap_iters,
+                                log=_log)
+    table = to_markdown(result)
+    _log(table)
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "zero_shot.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        with open(os.path.join(args.output_dir, "zero_shot.md"), "w") as f:
+            f.write(table)
+    return result
+
+
 def run_eval(args) -> dict:
     from .checkpoint.loading import load_model_and_tokenizer
+    from .config import A3ConfigError
     from .integrations.quantization import inference_mode_as_no_grad
 
+    if args.tasks is not None:
+        return _run_zero_shot(args)
+    given = [name for name in _ZERO_SHOT_ONLY if getattr(args, name) is not None]
+    if given:
+        raise A3ConfigError(f"--{given[0].replace('_', '-')} is an lm-eval option: it needs --tasks")
     _check_model_spec(args.model)
     model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     with inference_mode_as_no_grad(model):  # quanto's 4-bit layers fail under inference_mode
