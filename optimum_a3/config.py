@@ -83,7 +83,6 @@ class A3Config:
     refit_damping: float = 1e-6
     sequential: bool | None = None
     hold_mlp_intermediate: bool = True
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self._coerce_types()
@@ -183,6 +182,8 @@ class A3Config:
     def from_dict(cls, config_dict: dict) -> A3Config:
         """Build a config from ``to_dict`` output; unknown keys are an error."""
         names = {f.name for f in fields(cls)}
+        if config_dict.get("extra", None) == {}:  # an unused field that records of version 0.1.0 hold
+            config_dict = {k: v for k, v in config_dict.items() if k != "extra"}
         unknown = set(config_dict) - names
         if unknown:
             raise A3ConfigError(f"unknown A3Config keys: {sorted(unknown)}")
