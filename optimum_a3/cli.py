@@ -251,6 +251,7 @@ def run_compress(args) -> dict:
     from .checkpoint.loading import load_model_and_tokenizer
     from .checkpoint.records import compression_record, update_compression_record
     from .checkpoint.saving import check_output_dir
+    from .pipeline.distributed import current_ranks
 
     config = A3Config(
         ratio=args.ratio, head_dim_qk=args.head_dim_qk, head_dim_vo=args.head_dim_vo,
@@ -273,6 +274,8 @@ def run_compress(args) -> dict:
         compressor.compress_checkpoint(args.model, args.output, overwrite=args.overwrite,
                                        stats_cache=args.stats_cache, max_shard_size=args.max_shard_size,
                                        trust_remote_code=args.trust_remote_code)
+        if not current_ranks(args.device).is_main:  # under torchrun, rank 0 writes and reports
+            return summary
         summary.update(low_memory=True, compress_seconds=round(time.perf_counter() - start, 1),
                        stats_cache_hit=compressor.last_timings["stats_cache_hit"])
         with open(os.path.join(args.output, "config.json")) as f:
@@ -281,6 +284,9 @@ def run_compress(args) -> dict:
             summary["hub"] = _push(args.output, args.push_to_hub, args, after_save=True)
         return summary
     model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    if not current_ranks(args.device).is_main:  # under torchrun: share the calibration, leave the rest to rank 0
+        A3Compressor(config).compress(model, tokenizer)
+        return summary
     if args.eval_source:
         summary["ppl_before"] = _ppl(model, tokenizer, args.eval_source, args)
         print(f"perplexity before ({args.eval_source}): {summary['ppl_before']:.3f}", flush=True)
@@ -502,7 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     except (A3Error, HFValidationError, OSError) as exc:  # the library's own errors, bad ids, unreadable files
         print(f"optimum-a3 {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=2))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
+        print(json.dumps(result, indent=2))
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -18,9 +19,10 @@ from .checkpoint.writer import save_model, write_checkpoint_files
 from .config import A3Config, A3ConfigError
 from .models.a3_llama import A3LlamaConfig, A3LlamaForCausalLM
 from .models.adapters import adapter_for
+from .pipeline.distributed import current_ranks
 from .pipeline.loop import ResidentLayers
 from .pipeline.run import Calibration, CompressionResult, StatisticsRun, run_compression
-from .pipeline.sinks import ModelSink, ShardSink
+from .pipeline.sinks import DiscardSink, ModelSink, ShardSink
 from .pipeline.statistics import LayerStatistics
 
 # save_pretrained writes `auto_map` and copies the self-contained modeling files for these classes.
@@ -93,13 +95,18 @@ class A3Compressor(OptimumQuantizer):
                 later run with the same model and data (any ratio or dims) skips the calibration forward.
                 Needs non-sequential calibration (``method="paper"`` or ``sequential=False``).
 
-        To compress a checkpoint larger than memory, use :meth:`compress_checkpoint`.
+        To compress a checkpoint larger than memory, use :meth:`compress_checkpoint`. Under ``torchrun``
+        (an initialised process group, or ``WORLD_SIZE`` > 1 in the environment) the processes share the
+        calibration windows and all-reduce the statistics; each returns the same compressed model
+        (:mod:`optimum_a3.pipeline.distributed`).
         """
-        layers = ResidentLayers(adapter_for(model).layers(model))
-        calibration = lambda: self._calibration(model, tokenizer, calibration_ids, statistics)  # noqa: E731
-        self.last_result = run_compression(
-            self.config, model, calibration, layers, ModelSink,
-            statistics=statistics, stats_cache=stats_cache, progress=progress, keep_statistics=keep_statistics)
+        ranks = current_ranks(self.config.device)  # under torchrun: the processes sharing the calibration
+        with ranks.guard():
+            layers = ResidentLayers(adapter_for(model).layers(model))
+            calibration = lambda: self._calibration(model, tokenizer, calibration_ids, statistics)  # noqa: E731
+            self.last_result = run_compression(
+                self.config, model, calibration, layers, ModelSink, statistics=statistics, stats_cache=stats_cache,
+                progress=progress, keep_statistics=keep_statistics, ranks=ranks)
         return self.last_result.model
 
     def compress_checkpoint(self, model_path: str | Path, save_dir: str | Path, tokenizer=None, *,
@@ -123,11 +130,19 @@ class A3Compressor(OptimumQuantizer):
             tokenizer: defaults to the checkpoint's tokenizer (saved with the result).
             dtype: compute/storage dtype; defaults to the checkpoint's (``config.dtype``), else float32.
             other arguments: as :meth:`compress` and :meth:`save`.
-        Returns the path of the saved checkpoint.
+        Returns the path of the saved checkpoint. Under ``torchrun`` the processes share the calibration
+        windows; rank 0 writes the checkpoint once every rank has finished (a failure on any rank leaves
+        ``save_dir`` as it was).
         """
+        ranks = current_ranks(self.config.device)  # under torchrun: the processes sharing the calibration
+        with ranks.guard():
+            return self._compress_checkpoint(ranks, model_path, str(save_dir), tokenizer, overwrite, progress,
+                                             calibration_ids, stats_cache, dtype, max_shard_size, trust_remote_code)
+
+    def _compress_checkpoint(self, ranks, model_path, save_dir, tokenizer, overwrite, progress, calibration_ids,
+                             stats_cache, dtype, max_shard_size, trust_remote_code) -> str:
         from .checkpoint.loading import load_tokenizer, remote_code_refused
 
-        save_dir = str(save_dir)
         check_output_dir(save_dir, overwrite, inputs=[model_path])  # before any download or expensive work
         directory = resolve_checkpoint_dir(str(model_path))
         return_large_frees_to_the_os()  # else freed activations stay resident (see its docstring)
@@ -139,11 +154,18 @@ class A3Compressor(OptimumQuantizer):
                 tokenizer = load_tokenizer(directory, trust_remote_code=trust_remote_code)
         calibration = lambda: self._calibration(model, tokenizer, calibration_ids, None)  # noqa: E731
 
+        run = functools.partial(run_compression, self.config, model, calibration, lazy, stats_cache=stats_cache,
+                                progress=progress, ranks=ranks)
+        if not ranks.is_main:  # rank 0 writes the checkpoint
+            self.last_result = run(DiscardSink)
+            ranks.check_ok()  # rank 0's last synchronisation: the output is complete
+            return save_dir
+
         def write(tmp: str) -> None:
             shards = ShardWriter(tmp, max_shard_size)
-            self.last_result = run_compression(self.config, model, calibration, lazy, lambda: ShardSink(shards, lazy.weights),
-                                               stats_cache=stats_cache, progress=progress)
+            self.last_result = run(lambda: ShardSink(shards, lazy.weights))
             write_checkpoint_files(self.last_result.model, tmp, tokenizer, shards)
+            ranks.check_ok()  # every rank finished: only then does the checkpoint replace save_dir
 
         return write_atomically(save_dir, write, overwrite=overwrite, inputs=[model_path, directory])
 

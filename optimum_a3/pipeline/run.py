@@ -26,6 +26,7 @@ from ..math.allocation import layer_tracks, mixed_dims
 from ..math.budget import LayerDims, decoder_linear_params, kv_cache_bytes_per_token, total_params
 from ..models.adapters import adapter_for
 from ..version import __version__
+from .distributed import Ranks
 from .loop import LayerPlan, compress_layers
 from .sinks import ModelSink, ShardSink
 from .sources import (CachedStatistics, OriginalForward, RecordedToCache, SequentialForward, StatisticsSource,
@@ -69,14 +70,16 @@ class CompressionResult:
 
 def run_compression(config: A3Config, model: nn.Module, calibration: Callable[[], Calibration], originals,
                     make_sink: Callable[[], ModelSink | ShardSink], *, statistics: list[LayerStatistics] | None = None,
-                    stats_cache: str | None = None, progress: bool = True, keep_statistics: bool = False
-                    ) -> CompressionResult:
+                    stats_cache: str | None = None, progress: bool = True, keep_statistics: bool = False,
+                    ranks: Ranks | None = None) -> CompressionResult:
     """Compress ``model`` (whose decoder layers ``originals`` hands out: resident or lazily read).
 
     ``calibration`` is called once the config has been checked against the model (tokenizing the
     calibration text is the first expensive step). With ``stats_cache``, a cached entry is used when it
     covers the run; one found not to match this model or damaged mid-way is deleted (with a warning) and
-    the run starts again computing the statistics. ``make_sink`` gives a fresh sink for each attempt."""
+    the run starts again computing the statistics. ``make_sink`` gives a fresh sink for each attempt.
+    ``ranks``: the processes of a distributed run (:mod:`.distributed`), which share the calibration windows."""
+    ranks = ranks or Ranks()
     adapter = adapter_for(model)
     check_weights_read(model)  # what is in memory now; lazily read layers are checked as they are read
     cfg = _restricted_to(adapter, config)
@@ -87,19 +90,22 @@ def run_compression(config: A3Config, model: nn.Module, calibration: Callable[[]
     tokens = statistics[0].num_tokens if statistics else data.record["tokens"]
     cfg = _without_ill_posed_refit(cfg, tokens, geometry.intermediate_size)
     _check_reuse(cfg, statistics, stats_cache, geometry.num_layers)
+    if ranks.distributed and (statistics is not None or stats_cache is not None):
+        raise A3ConfigError("a distributed run computes its statistics: reusing statistics or a stats_cache is "
+                            "for one process")
     plan = LayerPlan(adapter, geometry, dims, cfg)
-    attempt = functools.partial(_attempt, plan, model, data, originals, make_sink, statistics, stats_cache,
-                                progress=progress, keep_statistics=keep_statistics)
+    attempt = functools.partial(_attempt, plan, model, data, originals, make_sink, statistics, stats_cache, ranks,
+                                progress=progress and ranks.is_main, keep_statistics=keep_statistics)
     try:
         return attempt(reuse_cache=True)
     except StaleCacheEntry:  # deleted, with a warning: start again, computing the statistics
         return attempt(reuse_cache=False)
 
 
-def _attempt(plan: LayerPlan, model, calibration: Calibration, originals, make_sink, statistics, stats_cache, *,
-             reuse_cache: bool, progress: bool, keep_statistics: bool) -> CompressionResult:
+def _attempt(plan: LayerPlan, model, calibration: Calibration, originals, make_sink, statistics, stats_cache,
+             ranks: Ranks, *, reuse_cache: bool, progress: bool, keep_statistics: bool) -> CompressionResult:
     start = time.perf_counter()
-    source, cache_hit = _source(plan, model, calibration, statistics, stats_cache, reuse_cache)
+    source, cache_hit = _source(plan, model, calibration, statistics, stats_cache, reuse_cache, ranks)
     sink = make_sink()
     completed = False
     try:
@@ -127,8 +133,8 @@ def _attempt(plan: LayerPlan, model, calibration: Calibration, originals, make_s
     return CompressionResult(compressed.eval(), plan.config, calibration.record, timings, kept)
 
 
-def _source(plan: LayerPlan, model, calibration: Calibration, statistics, stats_cache,
-            reuse_cache: bool) -> tuple[StatisticsSource, bool]:
+def _source(plan: LayerPlan, model, calibration: Calibration, statistics, stats_cache, reuse_cache: bool,
+            ranks: Ranks) -> tuple[StatisticsSource, bool]:
     """Where the statistics come from: handed in, a cache entry, or a calibration forward (recorded to the
     cache when there is one); returns the source and whether it is a cache hit."""
     if statistics is not None:
@@ -144,8 +150,9 @@ def _source(plan: LayerPlan, model, calibration: Calibration, statistics, stats_
     forward = SequentialForward if cfg.sequential else OriginalForward
     options = {"hold_mlp_intermediate": cfg.hold_mlp_intermediate} if cfg.sequential else {}
     with _eval_mode(model):
-        source = forward(model, plan.adapter, geometry, calibration.ids, batch_size=cfg.batch_size,
-                         want_head_autocorr=want_head, want_down_autocorr=cfg.mlp_refit, device=cfg.device, **options)
+        source = forward(model, plan.adapter, geometry, ranks.share(calibration.ids), batch_size=cfg.batch_size,
+                         want_head_autocorr=want_head, want_down_autocorr=cfg.mlp_refit, device=cfg.device,
+                         ranks=ranks, **options)
     if cache is not None:
         source = RecordedToCache(source, cache, geometry.num_layers, calibration.record)
     return source, False

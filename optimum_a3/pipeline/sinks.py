@@ -49,3 +49,19 @@ class ShardSink:
     def discard(self) -> None:
         self.shards.discard()
 
+
+
+class DiscardSink:
+    """A rank other than 0 in a distributed streamed run: it computes every layer as rank 0 does (its
+    outputs feed its share of the sequential calibration) and frees it; rank 0 writes the checkpoint."""
+
+    materialize = False
+
+    def add(self, prefix: str, layer: nn.Module) -> None:
+        layer.to("meta")
+
+    def finish(self, model: nn.Module, compressed: nn.Module) -> None:
+        pass
+
+    def discard(self) -> None:
+        pass

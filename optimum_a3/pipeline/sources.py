@@ -23,6 +23,7 @@ from torch import nn
 
 from ..checkpoint.stats_cache import LayerDigestChain, StatisticsCache
 from ..models.adapters import Geometry
+from .distributed import Ranks
 from .forward import LayerInput, capture_first_layer_inputs, input_of, layer_output, run_until_stopped, stop
 from .statistics import LayerStatistics, StatisticsCollector
 
@@ -99,8 +100,10 @@ class OriginalForward(StatisticsSource):
     once, each layer runs on them with the collector's hooks, and its outputs are the next layer's inputs."""
 
     def __init__(self, model: nn.Module, adapter, geometry: Geometry, input_ids: torch.Tensor, *, batch_size: int,
-                 want_head_autocorr: bool, want_down_autocorr: bool, device=None):
-        self.adapter, self.geometry = adapter, geometry
+                 want_head_autocorr: bool, want_down_autocorr: bool, device=None, ranks: Ranks | None = None):
+        """``ranks``: the processes sharing the calibration windows (each passes its own share as
+        ``input_ids``); their partial sums are all-reduced, so every rank gets the same statistics."""
+        self.adapter, self.geometry, self.ranks = adapter, geometry, ranks or Ranks()
         self.want_head_autocorr, self.want_down_autocorr = want_head_autocorr, want_down_autocorr
         device = torch.device(device) if device is not None else model.get_input_embeddings().weight.device
         with torch.inference_mode():
@@ -112,10 +115,18 @@ class OriginalForward(StatisticsSource):
         return StatisticsCollector(self.geometry.num_heads, self.geometry.head_dim, self.want_head_autocorr,
                                    self.want_down_autocorr)
 
-    def _ready(self, idx: int, result: Callable[[], LayerStatistics]) -> LayerStatistics:
-        """The collector's ``result`` (its hooks ran in inference mode, so it is computed there too), as
-        normal tensors: the solvers run outside inference mode, as on statistics read from the cache."""
+    def _ready(self, idx: int, collector: StatisticsCollector, parts: tuple[str, ...],
+               result: Callable[[], LayerStatistics]) -> LayerStatistics:
+        """The collector's ``result`` once its ``parts`` are summed over the ranks (its hooks ran in inference
+        mode, so this runs there too), as normal tensors: the solvers run outside inference mode, as on
+        statistics read from the cache."""
         with torch.inference_mode():
+            for part in parts:
+                collector.all_reduce_(self.ranks, part)
+            if "attention" in parts and self.ranks.distributed:
+                residual = torch.tensor([self._residual_sq], dtype=torch.float64)
+                self.ranks.all_reduce_([residual])
+                self._residual_sq = residual.item()
             stats = result()
         stats = LayerStatistics(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in vars(stats).items()})
         stats.residual_sq_mean = self._residual_sq / stats.num_tokens
@@ -135,7 +146,7 @@ class OriginalForward(StatisticsSource):
         finally:
             for h in hooks:
                 h.remove()
-        self._last = self._ready(idx, collector.result)
+        self._last = self._ready(idx, collector, ("attention", "mlp"), collector.result)
         return self._last
 
     def advance(self, idx, layer, compressed, kept_channels):
@@ -176,7 +187,7 @@ class SequentialForward(OriginalForward):
         finally:
             for h in hooks:
                 h.remove()
-        self._attention = self._ready(idx, collector.attention_result)
+        self._attention = self._ready(idx, collector, ("attention",), collector.attention_result)
         return self._attention
 
     def mlp(self, idx, layer, compressed):
@@ -199,7 +210,7 @@ class SequentialForward(OriginalForward):
         finally:
             for h in hooks:
                 h.remove()
-        return self._ready(idx, lambda: collector.with_mlp_result(self._attention))
+        return self._ready(idx, collector, ("mlp",), lambda: collector.with_mlp_result(self._attention))
 
     def advance(self, idx, layer, compressed, kept_channels):
         """The compressed MLP completes the compressed layer's output. Its gate/up are the original rows of

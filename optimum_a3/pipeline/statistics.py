@@ -92,6 +92,18 @@ class StatisticsCollector:
         if self.want_down_autocorr:
             add_gram_upper_(self.r_d, x)
 
+    def all_reduce_(self, ranks, part: str) -> None:
+        """Sum the partial sums of every rank (:class:`~optimum_a3.pipeline.distributed.Ranks`), in place:
+        ``part`` "attention" (R_x, the input sum, G_z and the token count) or "mlp" (down_proj's input)."""
+        if not ranks.distributed:
+            return
+        if part == "attention":
+            tokens = self.r_x.new_tensor([float(self.tokens)])
+            ranks.all_reduce_([self.r_x, self.s_x, tokens] + ([self.g_z] if self.want_head_autocorr else []))
+            self.tokens = int(tokens.item())
+        else:
+            ranks.all_reduce_([self.m_d] + ([self.r_d] if self.want_down_autocorr else []))
+
     def attention_result(self) -> LayerStatistics:
         """The attention statistics (``complete`` False)."""
         t = self.tokens

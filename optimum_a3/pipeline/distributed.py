@@ -1,0 +1,113 @@
+"""Data-parallel calibration with ``torch.distributed``: the processes of one run and what they share.
+
+Under ``torchrun`` (one node or many; ``accelerate launch`` drives it too) every process, a *rank*,
+runs the same pipeline on its own share of the calibration windows. A layer's statistics are float64
+sums over tokens, so each rank sums over its windows and the ranks all-reduce (SUM) the partial sums:
+every rank then holds the statistics of all windows and solves the layer identically. Only rank 0
+writes the checkpoint. A rank that fails tells the others at their next synchronisation (a one-element
+all-reduce before each statistics reduction), so that every rank stops with an error instead of
+waiting for it; collectives also time out (``A3_DIST_TIMEOUT_S``, default 1800 s).
+
+One process (no process group, no ``WORLD_SIZE``) is the single-process library, unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Iterator
+
+import torch
+
+from ..errors import A3Error
+
+TIMEOUT_ENV = "A3_DIST_TIMEOUT_S"
+
+
+class DistributedRunError(A3Error, RuntimeError):
+    """Another rank of a distributed run failed (its own error is in its output), or the run cannot start."""
+
+
+class Ranks:
+    """The processes of a run: this one's ``rank`` among ``world_size``; a single process by default."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0):
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that writes files, prints results and shows progress."""
+        return self.rank == 0
+
+    def share(self, windows: torch.Tensor) -> torch.Tensor:
+        """This rank's calibration windows: a contiguous block, the first ``n % world`` ranks one more."""
+        n = windows.shape[0]
+        if n < self.world_size:
+            raise DistributedRunError(f"{n} calibration windows cannot be shared by {self.world_size} processes: "
+                                      f"use nsamples >= {self.world_size}")
+        base, extra = divmod(n, self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return windows[start:start + base + (self.rank < extra)]
+
+    def all_reduce_(self, tensors: list[torch.Tensor]) -> None:
+        """Sum ``tensors`` over the ranks, in place (after a check that no rank has failed)."""
+        if not self.distributed:
+            return
+        self.check_ok()
+        for tensor in tensors:
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+
+    def check_ok(self) -> None:
+        """A synchronisation point: raises :class:`DistributedRunError` if any rank reports a failure."""
+        if self.distributed and self._flag_sum(0.0) > 0:
+            raise DistributedRunError(f"rank {self.rank}: another rank of this {self.world_size}-process run failed "
+                                      "(its error is in its output); stopping")
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        """Run a rank's share of the work; on a failure, tell the other ranks (at their next synchronisation)
+        before raising, so that none of them waits for this one."""
+        try:
+            yield
+        except DistributedRunError:
+            raise
+        except BaseException:
+            if self.distributed:
+                with contextlib.suppress(Exception):  # the group may be broken already
+                    self._flag_sum(1.0)
+            raise
+
+    def _flag_sum(self, value: float) -> float:
+        flag = torch.tensor([value], dtype=torch.float64, device=self._collective_device())
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.SUM)
+        return float(flag.item())
+
+    def _collective_device(self) -> torch.device:
+        backend = torch.distributed.get_backend()
+        return torch.device("cuda", self.local_rank) if backend == "nccl" else torch.device("cpu")
+
+
+def current_ranks(device: str | None = None) -> Ranks:
+    """The ranks of this run: an initialised default process group, else one initialised from the
+    ``torchrun`` environment (``WORLD_SIZE`` > 1; NCCL for ``device="cuda"``, else gloo), else one process."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world_size <= 1:
+        return Ranks()
+    if not dist.is_available():
+        raise DistributedRunError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    backend = "gloo"
+    if device is not None and str(device).startswith("cuda"):
+        backend = "nccl"
+        torch.cuda.set_device(local_rank)  # "cuda" then means this rank's GPU
+    timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, 1800)))
+    dist.init_process_group(backend=backend, timeout=timeout)
+    return Ranks(dist.get_rank(), dist.get_world_size(), local_rank)

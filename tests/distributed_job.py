@@ -1,0 +1,55 @@
+"""One rank of a test's ``torchrun`` job (tests/test_distributed.py): compress a tiny checkpoint.
+
+    python distributed_job.py MODE METHOD SRC OUT [--fail-rank R]
+
+MODE ``streamed`` runs ``compress_checkpoint`` (rank 0 writes OUT); ``memory`` runs ``compress`` on the
+loaded model and rank 0 saves it. ``--fail-rank R`` makes rank R raise while solving its second layer.
+Calibration: 8 random windows of 32 tokens (seed 1), shared between the ranks.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tiny_models import random_token_windows  # noqa: E402
+
+import optimum_a3.pipeline.loop as loop  # noqa: E402
+from optimum_a3 import A3Compressor, A3Config  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["streamed", "memory"])
+    parser.add_argument("method")
+    parser.add_argument("src")
+    parser.add_argument("out")
+    parser.add_argument("--fail-rank", type=int, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.fail_rank == int(os.environ.get("RANK", 0)):
+        solve, calls = loop.solve_mlp, []
+
+        def failing_solve(*a, **k):
+            calls.append(None)
+            if len(calls) == 2:
+                raise RuntimeError(f"planted failure on rank {args.fail_rank}")
+            return solve(*a, **k)
+
+        loop.solve_mlp = failing_solve
+    compressor = A3Compressor(A3Config(ratio=0.25, method=args.method, nsamples=8, seqlen=32))
+    ids = random_token_windows(8, 32, seed=1)
+    if args.mode == "streamed":
+        compressor.compress_checkpoint(args.src, args.out, calibration_ids=ids, progress=False, overwrite=True)
+        return
+    from transformers import AutoModelForCausalLM
+
+    small = compressor.compress(AutoModelForCausalLM.from_pretrained(args.src), calibration_ids=ids, progress=False)
+    if int(os.environ.get("RANK", 0)) == 0:
+        compressor.save(small, args.out, overwrite=True)
+
+
+if __name__ == "__main__":
+    main()

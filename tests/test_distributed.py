@@ -1,0 +1,142 @@
+"""Compression across processes with torch.distributed (gloo, 2 processes on CPU, spawned by torchrun).
+
+The 2-process checkpoint must match the 1-process one (same kept RoPE pairs and MLP widths; weights and
+logits within float rounding: the statistics are the same float64 sums, added in another order), a
+2-process run repeated must give identical files, and a rank that fails must fail the whole run, leave
+the output directory as it was and leave no process behind.
+"""
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from optimum_a3 import A3Compressor, A3Config
+from tiny_models import random_token_windows, tiny_llama, tiny_tokenizer
+
+JOB = Path(__file__).with_name("distributed_job.py")
+TIMEOUT_S = 240  # a torchrun of 2 tiny processes takes ~15 s here
+
+
+def _torchrun(*args, timeout=TIMEOUT_S) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node 2`` of the job in its own process group, killed whole on a timeout."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "A3_DIST_TIMEOUT_S": "120", "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).parents[1])] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(JOB), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError(f"torchrun did not finish within {timeout} s")
+    finally:
+        _assert_no_process_left(proc.pid)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _assert_no_process_left(pgid: int) -> None:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return
+    os.killpg(pgid, signal.SIGKILL)
+    raise AssertionError("the torchrun job left processes behind")
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("dist") / "src"
+    tiny_llama(seed=3).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def _one_process(mode: str, method: str, src: Path, out: Path) -> Path:
+    torch.set_num_threads(1)
+    compressor = A3Compressor(A3Config(ratio=0.25, method=method, nsamples=8, seqlen=32))
+    ids = random_token_windows(8, 32, seed=1)
+    if mode == "streamed":
+        return Path(compressor.compress_checkpoint(src, out, calibration_ids=ids, progress=False))
+    small = compressor.compress(AutoModelForCausalLM.from_pretrained(src), calibration_ids=ids, progress=False)
+    return Path(compressor.save(small, out))
+
+
+def _hashes(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+@pytest.mark.parametrize("mode,method", [("streamed", "paper"), ("streamed", "default"), ("memory", "default")])
+def test_two_processes_give_the_one_process_checkpoint(source, tmp_path, mode, method):
+    one = _one_process(mode, method, source, tmp_path / "one")
+    run = _torchrun(mode, method, str(source), str(tmp_path / "two"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = tmp_path / "two"
+    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        if "rope_pairs" in name:  # the kept RoPE pairs: the same selection
+            assert torch.equal(a[name], b[name]), name
+        else:  # float32 weights solved from float64 statistics summed in another order
+            torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert (one / "config.json").read_text() == (two / "config.json").read_text()  # same dims, same record
+    ids = random_token_windows(2, 16, seed=5)
+    with torch.no_grad():
+        logits = [AutoModelForCausalLM.from_pretrained(d).eval()(ids).logits for d in (one, two)]
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
+
+
+def test_two_process_runs_are_bit_identical(source, tmp_path):
+    outputs = []
+    for name in ("first", "second"):
+        run = _torchrun("streamed", "default", str(source), str(tmp_path / name))
+        assert run.returncode == 0, run.stderr[-3000:]
+        outputs.append(_hashes(tmp_path / name))
+    assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize("fail_rank", [1])
+def test_a_failing_rank_fails_the_run_and_leaves_the_output_untouched(source, tmp_path, fail_rank):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("the previous checkpoint")
+    run = _torchrun("streamed", "default", str(source), str(out), "--fail-rank", str(fail_rank))
+    assert run.returncode != 0
+    assert f"planted failure on rank {fail_rank}" in run.stderr  # the failing rank's own error
+    assert "another rank of this 2-process run failed" in run.stderr  # rank 0 stopped instead of waiting
+    assert sorted(os.listdir(out)) == ["keep.txt"] and (out / "keep.txt").read_text() == "the previous checkpoint"
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no partial checkpoint left beside it
+
+
+def test_windows_are_shared_in_contiguous_blocks_covering_each_once():
+    from optimum_a3.pipeline.distributed import DistributedRunError, Ranks
+
+    windows = torch.arange(8)[:, None]
+    shares = [Ranks(rank, 3).share(windows)[:, 0].tolist() for rank in range(3)]
+    assert shares == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert Ranks().share(windows).equal(windows)
+    with pytest.raises(DistributedRunError, match="use nsamples >= 3"):
+        Ranks(0, 3).share(windows[:2])
+
+
+def test_a_distributed_run_refuses_reused_statistics_before_any_collective(tmp_path):
+    from optimum_a3.config import A3ConfigError
+    from optimum_a3.pipeline.distributed import Ranks
+    from optimum_a3.pipeline.loop import ResidentLayers
+    from optimum_a3.pipeline.run import Calibration, run_compression
+    from optimum_a3.pipeline.sinks import ModelSink
+
+    model = tiny_llama()
+    ids = random_token_windows(8, 32, seed=1)
+    calibration = lambda: Calibration(ids, {"dataset": "ids", "tokens": ids.numel()})  # noqa: E731
+    with pytest.raises(A3ConfigError, match="a distributed run computes its statistics"):
+        run_compression(A3Config(ratio=0.25, method="paper"), model, calibration, ResidentLayers(model.model.layers),
+                        ModelSink, stats_cache=tmp_path / "cache", ranks=Ranks(0, 2))
