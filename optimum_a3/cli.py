@@ -224,21 +224,9 @@ def _ppl(model, tokenizer, source, args) -> float:
 
 
 def _check_model_spec(spec: str) -> None:
-    """Refuse early a model that is neither an existing path nor a valid Hub id (no network involved)."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from .checkpoint.loading import check_model_spec
 
-    from .checkpoint.loading import DEFAULT_MODEL, ModelLoadError
-
-    if spec == DEFAULT_MODEL or os.path.exists(spec):
-        return
-    if spec.endswith(".gguf"):
-        raise ModelLoadError(f"no such GGUF file: {spec}")
-    try:
-        if spec.startswith((".", "/", "~")):
-            raise HFValidationError(spec)
-        validate_repo_id(spec)
-    except HFValidationError:
-        raise ModelLoadError(f"{spec}: no such file or directory (and not a Hub repo id like namespace/name)") from None
+    check_model_spec(spec)
 
 
 def _log(message: str) -> None:

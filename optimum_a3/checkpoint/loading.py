@@ -72,6 +72,22 @@ def smollm2_offline_gguf() -> str:
     return path
 
 
+def check_model_spec(spec: str) -> None:
+    """Refuse early a model that is neither an existing path nor a valid Hub id (no network involved)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if spec == DEFAULT_MODEL or os.path.exists(spec):
+        return
+    if spec.endswith(".gguf"):
+        raise ModelLoadError(f"no such GGUF file: {spec}")
+    try:
+        if spec.startswith((".", "/", "~")):
+            raise HFValidationError(spec)
+        validate_repo_id(spec)
+    except HFValidationError:
+        raise ModelLoadError(f"{spec}: no such file or directory (and not a Hub repo id like namespace/name)") from None
+
+
 def resolve_model_spec(spec: str) -> tuple[str, str | None]:
     """Return ``(name_or_dir, gguf_file)`` for a hub id, a directory, a ``.gguf`` path or ``smollm2-offline``."""
     if spec == DEFAULT_MODEL:
