@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -76,8 +75,9 @@ def compress_layers(plan: LayerPlan, originals, compressed: nn.Module, source: S
 
             stats = source.mlp(idx, layer, target)
             start = time.perf_counter()
-            kept = mlp_kept_channels(adapter, layer, _on_solver(stats, cfg), dims)
-            mlp = solve_mlp(adapter, layer, _on_solver(stats, cfg), dims, cfg, kept=kept)
+            mlp_stats = _on_solver(stats, cfg)  # moved once: the selection and the solve share it
+            kept = mlp_kept_channels(adapter, layer, mlp_stats, dims)
+            mlp = solve_mlp(adapter, layer, mlp_stats, dims, cfg, kept=kept)
             fill_layer(target, layer_state(layer, {**attention, **mlp}), strict=True)
             report.solve_s += time.perf_counter() - start
 
