@@ -50,7 +50,8 @@ from optimum_a3.checkpoint.loading import load_model_and_tokenizer
 
 # A3 rows: the paper, each beyond-the-paper option alone, the library default (sequential calibration),
 # the default with the refit added (the lowest perplexity, at a higher compression cost) and the default
-# holding no MLP intermediate (the same model, for less memory and more time).
+# holding no MLP intermediate (the same model, for less memory and more time), and the quality preset
+# (the default plus the teacher refit).
 A3_VARIANTS = {
     "a3": {"method": "paper"},
     "a3-refit": {"mlp_refit": True, "sequential": False},
@@ -58,6 +59,7 @@ A3_VARIANTS = {
     "a3-default": {"method": "default"},
     "a3-default-refit": {"method": "default", "mlp_refit": True},
     "a3-default-lean": {"method": "default", "hold_mlp_intermediate": False},
+    "a3-quality": {"method": "quality"},
 }
 
 

@@ -118,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--head-dim-vo", type=int, help="explicit v/o head dim")
     size.add_argument("--intermediate-size", type=int, help="explicit MLP width")
     size.add_argument("--components", default="qk,ov,mlp", help="comma-separated subset of qk,ov,mlp (default all)")
-    size.add_argument("--method", choices=["default", "paper"], default="default",
-                      help="'paper' reproduces arXiv 2505.12942 exactly; 'default' adds sequential calibration (README)")
+    size.add_argument("--method", choices=["default", "paper", "quality"], default="default",
+                      help="'paper' reproduces arXiv 2505.12942 exactly; 'default' adds sequential calibration; "
+                           "'quality' adds the teacher refit to that (README, Beyond the paper)")
     size.add_argument("--allocation", choices=["uniform", "mixed"], default=None,
                       help="same dims in every layer, or per-layer dims under the same budget")
     size.add_argument("--mlp-refit", action=argparse.BooleanOptionalAction, default=None,
@@ -128,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
                       help="calibrate each layer on the output of the already compressed model (beyond the paper; on by "
                            "default)")
+    size.add_argument("--teacher-refit", action=argparse.BooleanOptionalAction, default=None,
+                      help="refit o_proj and down_proj so each compressed layer gives the original model's outputs "
+                           "(needs sequential calibration; on with --method quality)")
     size.add_argument("--hold-mlp-intermediate", action=argparse.BooleanOptionalAction, default=True,
                       help="sequential calibration only: hold each layer's gate/up output (tokens x intermediate_size) "
                            "so the compressed MLP runs only down_proj; --no-hold-mlp-intermediate saves that memory "
@@ -247,6 +251,7 @@ def run_compress(args) -> dict:
         dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size,
         seed=args.seed, method=args.method, allocation=args.allocation, mlp_refit=args.mlp_refit,
         sequential=args.sequential, hold_mlp_intermediate=args.hold_mlp_intermediate, device=args.device,
+        teacher_refit=args.teacher_refit,
     )
     check_output_dir(args.output, args.overwrite, inputs=[args.model])  # before any expensive work
     _check_model_spec(args.model)

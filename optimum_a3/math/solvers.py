@@ -198,3 +198,26 @@ def refit_down_proj(w_down: torch.Tensor, r_d: torch.Tensor, kept: torch.Tensor,
     r_ss = r_ss + delta * torch.eye(len(kept), dtype=torch.float64, device=r.device)
     rhs = r[kept] @ w_down.to(torch.float64)
     return torch.linalg.solve(r_ss, rhs)
+
+
+# ------------------------------------------------------------------------------- teacher refit
+def refit_to_targets(gram: torch.Tensor, cross: torch.Tensor, start: torch.Tensor, damping: float = 1e-6) -> torch.Tensor:
+    """Least-squares weights of a linear layer fed inputs ``X`` whose outputs should be targets ``T``,
+    pulled towards the weights ``start`` it replaces (ridge around them, not around zero).
+
+    Minimises ``||X W - T||² + δ ||W - start||²`` from ``gram = XᵀX`` (in, in) and ``cross = XᵀT``
+    (in, out), with ``δ = damping · mean(diag gram)``: ``W = (XᵀX + δI)^{-1} (XᵀT + δ start)``. Damping
+    towards ``start`` keeps a layer that already fits exactly (``XᵀT = XᵀX start``, e.g. at ratio 0)
+    exactly as it was, and never raises the fit's error above ``start``'s. Float64; (in, out).
+    """
+    g = gram.to(torch.float64)
+    delta = damping * g.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+    eye = torch.eye(g.shape[0], dtype=torch.float64, device=g.device)
+    start = start.to(torch.float64)
+    return torch.linalg.solve(g + delta * eye, cross.to(torch.float64) + delta * start)
+
+
+def fit_error(gram: torch.Tensor, cross: torch.Tensor, target_sq: float, weight: torch.Tensor) -> float:
+    """``||X W - T||²`` from ``gram = XᵀX``, ``cross = XᵀT`` and ``target_sq = ||T||²`` (float64)."""
+    w = weight.to(torch.float64)
+    return float((w * (gram.to(torch.float64) @ w)).sum() - 2 * (w * cross.to(torch.float64)).sum() + target_sq)

@@ -116,6 +116,10 @@ class LlamaFamilyAdapter:
     def mlp_module(self, layer: nn.Module) -> nn.Module:
         return layer.mlp
 
+    def attention_residual_from_heads(self, layer: nn.Module, hidden, heads):
+        """``h + attention(h)`` given the attention's per-head output for ``h`` (o_proj's input)."""
+        return hidden + self.attention_output_module(layer)(heads)
+
     def mlp_residual(self, layer: nn.Module, hidden):
         """``h + mlp(norm(h))``, running the whole MLP."""
         return hidden + self.mlp_module(layer)(self.post_attention_norm_module(layer)(hidden))

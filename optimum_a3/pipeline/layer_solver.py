@@ -14,7 +14,7 @@ from ..math import solvers
 from ..models.adapters import Geometry
 from ..math.budget import LayerDims
 from ..config import A3Config
-from .statistics import LayerStatistics
+from .statistics import LayerStatistics, OutputFit
 
 
 def _w(linear: nn.Linear) -> torch.Tensor:
@@ -125,3 +125,14 @@ def solve_mlp(adapter, layer: nn.Module, stats: LayerStatistics, dims: LayerDims
         new_down = w_down[kept]
     e.put("down", new_down, e.bias("down"))
     return e.out
+
+
+def refit_to_teacher(adapter, entries: dict[str, torch.Tensor], name: str, fit: OutputFit,
+                     config: A3Config) -> dict[str, torch.Tensor]:
+    """``entries`` with projection ``name`` ("o" or "down") refit by least squares to the teacher targets
+    of ``fit``, starting from (and damped towards) the weights in ``entries``; its bias is kept."""
+    key = f"{adapter.linear_paths[name]}.weight"
+    start = entries[key]
+    fit = fit.to(start.device)
+    new = solvers.refit_to_targets(fit.gram, fit.cross, start.to(torch.float64).T, config.teacher_damping)
+    return {**entries, key: new.T.contiguous().to(start.dtype)}

@@ -1,8 +1,9 @@
 """The per-layer loop: the one place that walks the decoder layers and compresses each.
 
 For every layer, in order: load it -> attention statistics -> solve attention -> (sequential calibration:
-put the solved attention in place, its output feeds the MLP statistics) -> MLP statistics -> solve the MLP
--> fill the compressed layer -> next layer's inputs -> hand the layer to the sink -> release the original.
+put the solved attention in place, its output feeds the MLP statistics; teacher refit: refit o_proj) -> MLP
+statistics -> solve the MLP -> fill the compressed layer (teacher refit: refit down_proj) -> next layer's
+inputs -> hand the layer to the sink -> release the original.
 Where statistics come from is a source (:mod:`.sources`); where finished layers go, a sink (:mod:`.sinks`).
 """
 
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 from ..config import A3Config
 from ..math.budget import LayerDims
 from ..models.adapters import Geometry
-from .layer_solver import mlp_kept_channels, solve_attention, solve_mlp
+from .layer_solver import mlp_kept_channels, refit_to_teacher, solve_attention, solve_mlp
 from .sinks import ModelSink, ShardSink
 from .sources import StatisticsSource
 from .statistics import LayerStatistics
@@ -72,6 +73,12 @@ def compress_layers(plan: LayerPlan, originals, compressed: nn.Module, source: S
             if source.runs_compressed_attention:
                 fill_layer(target, attention_state(adapter, layer, attention), strict=False)
             report.solve_s += time.perf_counter() - start
+            if cfg.teacher_refit:
+                fit = source.attention_output_fit(idx, target)
+                start = time.perf_counter()
+                attention = refit_to_teacher(adapter, attention, "o", fit, cfg)
+                fill_layer(target, attention_state(adapter, layer, attention), strict=False)
+                report.solve_s += time.perf_counter() - start
 
             stats = source.mlp(idx, layer, target)
             start = time.perf_counter()
@@ -80,6 +87,12 @@ def compress_layers(plan: LayerPlan, originals, compressed: nn.Module, source: S
             mlp = solve_mlp(adapter, layer, mlp_stats, dims, cfg, kept=kept)
             fill_layer(target, layer_state(layer, {**attention, **mlp}), strict=True)
             report.solve_s += time.perf_counter() - start
+            if cfg.teacher_refit:
+                fit = source.mlp_output_fit(idx, target, kept)
+                start = time.perf_counter()
+                mlp = refit_to_teacher(adapter, mlp, "down", fit, cfg)
+                fill_layer(target, layer_state(layer, {**attention, **mlp}), strict=True)
+                report.solve_s += time.perf_counter() - start
 
             source.advance(idx, layer, target, kept)
             sink.add(f"{prefix}{idx}.", target)

@@ -148,7 +148,7 @@ def _source(plan: LayerPlan, model, calibration: Calibration, statistics, stats_
         if reuse_cache and cache.covers(geometry.num_layers, want_head, cfg.mlp_refit):
             return CachedStatistics(cache), True
     forward = SequentialForward if cfg.sequential else OriginalForward
-    options = {"hold_mlp_intermediate": cfg.hold_mlp_intermediate} if cfg.sequential else {}
+    options = {"hold_mlp_intermediate": cfg.hold_mlp_intermediate, "teacher": cfg.teacher_refit} if cfg.sequential else {}
     with _eval_mode(model):
         source = forward(model, plan.adapter, geometry, ranks.share(calibration.ids), batch_size=cfg.batch_size,
                          want_head_autocorr=want_head, want_down_autocorr=cfg.mlp_refit, device=cfg.device,

@@ -25,7 +25,7 @@ from ..checkpoint.stats_cache import LayerDigestChain, StatisticsCache
 from ..models.adapters import Geometry
 from .distributed import Ranks
 from .forward import LayerInput, capture_first_layer_inputs, input_of, layer_output, run_until_stopped, stop
-from .statistics import LayerStatistics, StatisticsCollector
+from .statistics import LayerStatistics, NonFiniteStatisticsError, OutputFit, OutputFitCollector, StatisticsCollector
 
 
 class StatisticsSource:
@@ -33,6 +33,8 @@ class StatisticsSource:
 
     # True when ``mlp`` runs the compressed attention: the loop must put it into ``compressed`` first.
     runs_compressed_attention = False
+    # True when the source also gives the teacher refit's statistics (``attention_output_fit``, ``mlp_output_fit``).
+    fits_teacher = False
 
     def attention(self, idx: int, layer: nn.Module) -> LayerStatistics:
         raise NotImplementedError
@@ -163,13 +165,22 @@ class SequentialForward(OriginalForward):
     output is held for one layer: tokens x intermediate_size values in the model's dtype. With
     ``hold_mlp_intermediate=False`` nothing is held and the whole compressed MLP runs instead (the same
     values; its gate/up run a second time, at the kept width, for that memory).
+
+    With ``teacher=True`` it also carries the ORIGINAL model's residual stream (one more original layer
+    forward per layer) and gives the statistics of the teacher refit: :meth:`attention_output_fit` and
+    :meth:`mlp_output_fit`, the inputs of the compressed o_proj / down_proj against what the original model's
+    attention / MLP block outputs for the same tokens, less what the compressed stream already holds.
     """
 
     runs_compressed_attention = True
 
-    def __init__(self, *args, hold_mlp_intermediate: bool = True, **kwargs):
+    def __init__(self, *args, hold_mlp_intermediate: bool = True, teacher: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.hold_mlp_intermediate = hold_mlp_intermediate
+        self.fits_teacher = teacher
+        # The original model's stream: it starts from the same embeddings.
+        self.teacher_inputs = [hidden for hidden, _ in self.inputs] if teacher else None
+        self._heads = self._teacher_mid = self._teacher_out = None
 
     def attention(self, idx, layer):
         """R_x is the input of q_proj and G_z (MHA) the input of o_proj: the original layer runs that far."""
@@ -188,13 +199,67 @@ class SequentialForward(OriginalForward):
             for h in hooks:
                 h.remove()
         self._attention = self._ready(idx, collector, ("attention",), collector.attention_result)
+        if self.fits_teacher:
+            self._run_teacher(layer)
         return self._attention
+
+    def _run_teacher(self, layer):
+        """The original layer on the original stream: its residual stream after attention and its output."""
+        mids, outs = [], []
+        hook = self.adapter.post_attention_norm_module(layer).register_forward_pre_hook(
+            lambda _, args: mids.append(args[0]))
+        try:
+            with torch.inference_mode():
+                for k, (_, kwargs) in enumerate(self.inputs):
+                    outs.append(layer_output(layer, self.teacher_inputs[k], kwargs))
+                    self.teacher_inputs[k] = None
+        finally:
+            hook.remove()
+        self._teacher_mid, self._teacher_out = mids, outs
+
+    def attention_output_fit(self, idx, compressed) -> OutputFit:
+        """Teacher refit of o_proj: its input in the compressed attention (held for :meth:`mlp`) against the
+        original attention block's contribution the compressed residual stream lacks, ``h_orig_mid - h``."""
+        o_proj, collector = self.adapter.attention_output_module(compressed), OutputFitCollector()
+        self._heads = []
+        with torch.inference_mode():
+            for k, (hidden, kwargs) in enumerate(self.inputs):
+                heads = input_of(o_proj, compressed, hidden, kwargs)
+                collector.add(heads, _less_bias(self._teacher_mid[k] - hidden, o_proj))
+                self._teacher_mid[k] = None
+                self._heads.append(heads)
+        return self._fit_ready(idx, collector)
+
+    def mlp_output_fit(self, idx, compressed, kept_channels) -> OutputFit:
+        """Teacher refit of down_proj: its input in the compressed MLP against the original layer's output
+        less the compressed residual stream after attention."""
+        adapter, collector = self.adapter, OutputFitCollector()
+        down = adapter.mlp_down_module(compressed)
+        with torch.inference_mode():
+            for k, (mid, _) in enumerate(self._mids):
+                if self.hold_mlp_intermediate:  # kept channels only from here on (advance uses them as they are)
+                    self._intermediates[k] = self._intermediates[k][..., kept_channels.to(mid.device)]
+                    inputs = self._intermediates[k]
+                else:
+                    inputs = input_of(down, adapter.mlp_module(compressed),
+                                      adapter.post_attention_norm_module(compressed)(mid), {})
+                collector.add(inputs, _less_bias(self._teacher_out[k] - mid, down))
+        self._intermediates_kept = self.hold_mlp_intermediate
+        return self._fit_ready(idx, collector)
+
+    def _fit_ready(self, idx, collector: OutputFitCollector) -> OutputFit:
+        with torch.inference_mode():
+            fit = collector.result(self.ranks)
+        fit = OutputFit(fit.gram.clone(), fit.cross.clone(), fit.target_sq, fit.num_tokens)  # out of inference mode
+        if not (torch.isfinite(fit.gram).all() and torch.isfinite(fit.cross).all()):
+            raise NonFiniteStatisticsError(f"layer {idx}: non-finite values in the teacher refit statistics")
+        return fit
 
     def mlp(self, idx, layer, compressed):
         """The MLP statistics of the ORIGINAL gate/up on the residual stream after the compressed attention
         (down_proj itself need not run); its input is held if asked (see :meth:`advance`)."""
         adapter, collector = self.adapter, self._collector_of_layer
-        self._intermediates = []
+        self._intermediates, self._intermediates_kept = [], False
         down = adapter.mlp_down_module(layer)
         hooks = [down.register_forward_pre_hook(collector.down_input)]
         if self.hold_mlp_intermediate:
@@ -202,9 +267,15 @@ class SequentialForward(OriginalForward):
         hooks.append(down.register_forward_pre_hook(stop))
         try:
             with torch.inference_mode():
-                # The residual stream after the compressed attention: what the MLP's norm receives.
-                self._mids = [(input_of(adapter.post_attention_norm_module(compressed), compressed, hidden, kwargs),
-                               kwargs) for hidden, kwargs in self.inputs]
+                # The residual stream after the compressed attention: what the MLP's norm receives. The
+                # teacher refit holds o_proj's input, so only the (refit) o_proj runs again.
+                if self._heads is not None:
+                    self._mids = [(adapter.attention_residual_from_heads(compressed, hidden, heads), kwargs)
+                                  for (hidden, kwargs), heads in zip(self.inputs, self._heads)]
+                    self._heads = None
+                else:
+                    self._mids = [(input_of(adapter.post_attention_norm_module(compressed), compressed, hidden, kwargs),
+                                   kwargs) for hidden, kwargs in self.inputs]
                 for mid, _ in self._mids:
                     run_until_stopped(adapter.mlp_module(layer), adapter.post_attention_norm_module(layer)(mid))
         finally:
@@ -222,9 +293,17 @@ class SequentialForward(OriginalForward):
         with torch.inference_mode():
             for k, (mid, kwargs) in enumerate(mids):
                 if self.hold_mlp_intermediate:
-                    out = self.adapter.mlp_residual_from_intermediate(compressed, mid, held[k][..., kept_channels])
+                    kept = held[k] if self._intermediates_kept else held[k][..., kept_channels]
+                    out = self.adapter.mlp_residual_from_intermediate(compressed, mid, kept)
                     held[k] = None
                 else:
                     out = self.adapter.mlp_residual(compressed, mid)
                 mids[k] = (out, kwargs)
         self.inputs, self._mids, self._intermediates = mids, None, None
+        if self.fits_teacher:
+            self.teacher_inputs, self._teacher_out = self._teacher_out, None
+
+
+def _less_bias(target: torch.Tensor, linear: nn.Module) -> torch.Tensor:
+    """A refit target less the projection's bias, which the refit keeps."""
+    return target if linear.bias is None else target - linear.bias

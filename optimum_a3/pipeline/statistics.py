@@ -125,3 +125,43 @@ class StatisticsCollector:
 
     def result(self) -> LayerStatistics:
         return self.with_mlp_result(self.attention_result())
+
+
+@dataclass
+class OutputFit:
+    """Float64 statistics of a least-squares refit of one projection (the teacher refit): its inputs ``X``
+    in the compressed model and the outputs ``T`` it should give (the original model's, for the same
+    tokens). Sums over the calibration tokens, not means: ``gram = XᵀX``, ``cross = XᵀT``, ``target_sq = ||T||²``."""
+
+    gram: torch.Tensor
+    cross: torch.Tensor
+    target_sq: float
+    num_tokens: int
+
+    def to(self, device) -> OutputFit:
+        return dataclasses.replace(self, gram=self.gram.to(device), cross=self.cross.to(device))
+
+
+class OutputFitCollector:
+    """Sums an :class:`OutputFit` batch by batch (float64)."""
+
+    def __init__(self):
+        self.gram = self.cross = None
+        self.target_sq, self.tokens = 0.0, 0
+
+    def add(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        x = inputs.reshape(-1, inputs.shape[-1]).to(torch.float64)
+        t = targets.reshape(-1, targets.shape[-1]).to(torch.float64)
+        if self.gram is None:
+            self.gram, self.cross = x.new_zeros(x.shape[1], x.shape[1]), x.new_zeros(x.shape[1], t.shape[1])
+        add_gram_upper_(self.gram, x)
+        self.cross.addmm_(x.T, t)
+        self.target_sq += t.pow(2).sum().item()
+        self.tokens += x.shape[0]
+
+    def result(self, ranks) -> OutputFit:
+        """The sums over every rank (:class:`~optimum_a3.pipeline.distributed.Ranks`)."""
+        totals = self.gram.new_tensor([self.target_sq, float(self.tokens)])
+        if ranks.distributed:
+            ranks.all_reduce_([self.gram, self.cross, totals])
+        return OutputFit(mirror_gram_upper_(self.gram).clone(), self.cross.clone(), totals[0].item(), int(totals[1].item()))
