@@ -25,7 +25,7 @@ from ..checkpoint.stats_cache import LayerDigestChain, StatisticsCache
 from ..models.adapters import Geometry
 from .distributed import Ranks
 from .forward import LayerInput, capture_first_layer_inputs, input_of, layer_output, run_until_stopped, stop
-from .statistics import LayerStatistics, NonFiniteStatisticsError, OutputFit, OutputFitCollector, StatisticsCollector
+from .statistics import LayerStatistics, OutputFit, OutputFitCollector, StatisticsCollector
 
 
 class StatisticsSource:
@@ -33,8 +33,6 @@ class StatisticsSource:
 
     # True when ``mlp`` runs the compressed attention: the loop must put it into ``compressed`` first.
     runs_compressed_attention = False
-    # True when the source also gives the teacher refit's statistics (``attention_output_fit``, ``mlp_output_fit``).
-    fits_teacher = False
 
     def attention(self, idx: int, layer: nn.Module) -> LayerStatistics:
         raise NotImplementedError
@@ -177,7 +175,7 @@ class SequentialForward(OriginalForward):
     def __init__(self, *args, hold_mlp_intermediate: bool = True, teacher: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.hold_mlp_intermediate = hold_mlp_intermediate
-        self.fits_teacher = teacher
+        self.teacher = teacher
         # The original model's stream: it starts from the same embeddings.
         self.teacher_inputs = [hidden for hidden, _ in self.inputs] if teacher else None
         self._heads = self._teacher_mid = self._teacher_out = None
@@ -199,7 +197,7 @@ class SequentialForward(OriginalForward):
             for h in hooks:
                 h.remove()
         self._attention = self._ready(idx, collector, ("attention",), collector.attention_result)
-        if self.fits_teacher:
+        if self.teacher:
             self._run_teacher(layer)
         return self._attention
 
@@ -237,29 +235,36 @@ class SequentialForward(OriginalForward):
         down = adapter.mlp_down_module(compressed)
         with torch.inference_mode():
             for k, (mid, _) in enumerate(self._mids):
-                if self.hold_mlp_intermediate:  # kept channels only from here on (advance uses them as they are)
-                    self._intermediates[k] = self._intermediates[k][..., kept_channels.to(mid.device)]
-                    inputs = self._intermediates[k]
+                if self.hold_mlp_intermediate:
+                    inputs = self._held_kept(k, kept_channels)
                 else:
                     inputs = input_of(down, adapter.mlp_module(compressed),
                                       adapter.post_attention_norm_module(compressed)(mid), {})
                 collector.add(inputs, _less_bias(self._teacher_out[k] - mid, down))
-        self._intermediates_kept = self.hold_mlp_intermediate
         return self._fit_ready(idx, collector)
 
     def _fit_ready(self, idx, collector: OutputFitCollector) -> OutputFit:
+        """The collector's sums over the ranks, as normal tensors (see :meth:`_ready`)."""
         with torch.inference_mode():
             fit = collector.result(self.ranks)
-        fit = OutputFit(fit.gram.clone(), fit.cross.clone(), fit.target_sq, fit.num_tokens)  # out of inference mode
-        if not (torch.isfinite(fit.gram).all() and torch.isfinite(fit.cross).all()):
-            raise NonFiniteStatisticsError(f"layer {idx}: non-finite values in the teacher refit statistics")
+        fit = OutputFit(fit.gram.clone(), fit.cross.clone(), fit.target_sq, fit.num_tokens)
+        fit.check_finite(idx)
         return fit
+
+    def _held_kept(self, k: int, kept_channels: torch.Tensor) -> torch.Tensor:
+        """Batch ``k``'s held intermediate at the kept channels, gathered once (the teacher refit and
+        :meth:`advance` both read it). The kept channels are sorted, so a batch already at their width is
+        either gathered or, at full width, its own gather."""
+        held = self._intermediates[k]
+        if held.shape[-1] != kept_channels.numel():
+            held = self._intermediates[k] = held[..., kept_channels.to(held.device)]
+        return held
 
     def mlp(self, idx, layer, compressed):
         """The MLP statistics of the ORIGINAL gate/up on the residual stream after the compressed attention
         (down_proj itself need not run); its input is held if asked (see :meth:`advance`)."""
         adapter, collector = self.adapter, self._collector_of_layer
-        self._intermediates, self._intermediates_kept = [], False
+        self._intermediates = []
         down = adapter.mlp_down_module(layer)
         hooks = [down.register_forward_pre_hook(collector.down_input)]
         if self.hold_mlp_intermediate:
@@ -287,20 +292,17 @@ class SequentialForward(OriginalForward):
         """The compressed MLP completes the compressed layer's output. Its gate/up are the original rows of
         the kept channels, so their output is in hand if it was held: only down_proj runs. Each batch is
         replaced in place, so the layer never holds the stream after attention and the outputs in full."""
-        mids, held = self._mids, self._intermediates
-        if self.hold_mlp_intermediate:
-            kept_channels = kept_channels.to(held[0].device)  # the solver may run on another device
+        mids = self._mids
         with torch.inference_mode():
             for k, (mid, kwargs) in enumerate(mids):
                 if self.hold_mlp_intermediate:
-                    kept = held[k] if self._intermediates_kept else held[k][..., kept_channels]
-                    out = self.adapter.mlp_residual_from_intermediate(compressed, mid, kept)
-                    held[k] = None
+                    out = self.adapter.mlp_residual_from_intermediate(compressed, mid, self._held_kept(k, kept_channels))
+                    self._intermediates[k] = None
                 else:
                     out = self.adapter.mlp_residual(compressed, mid)
                 mids[k] = (out, kwargs)
         self.inputs, self._mids, self._intermediates = mids, None, None
-        if self.fits_teacher:
+        if self.teacher:
             self.teacher_inputs, self._teacher_out = self._teacher_out, None
 
 

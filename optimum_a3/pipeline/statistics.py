@@ -141,6 +141,10 @@ class OutputFit:
     def to(self, device) -> OutputFit:
         return dataclasses.replace(self, gram=self.gram.to(device), cross=self.cross.to(device))
 
+    def check_finite(self, layer_idx: int) -> None:
+        if not (torch.isfinite(self.gram).all() and torch.isfinite(self.cross).all()):
+            raise NonFiniteStatisticsError(f"layer {layer_idx}: non-finite values in the teacher refit statistics")
+
 
 class OutputFitCollector:
     """Sums an :class:`OutputFit` batch by batch (float64)."""
@@ -164,4 +168,4 @@ class OutputFitCollector:
         totals = self.gram.new_tensor([self.target_sq, float(self.tokens)])
         if ranks.distributed:
             ranks.all_reduce_([self.gram, self.cross, totals])
-        return OutputFit(mirror_gram_upper_(self.gram).clone(), self.cross.clone(), totals[0].item(), int(totals[1].item()))
+        return OutputFit(mirror_gram_upper_(self.gram), self.cross, totals[0].item(), int(totals[1].item()))
