@@ -193,11 +193,9 @@ def refit_down_proj(w_down: torch.Tensor, r_d: torch.Tensor, kept: torch.Tensor,
     ``E||x_d W_down - x_d[S] W̃||²`` over the calibration tokens. Returns (len(S), out) in float64.
     """
     r = r_d.to(torch.float64)
-    r_ss = r[kept][:, kept]
-    delta = damping * r_ss.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
-    r_ss = r_ss + delta * torch.eye(len(kept), dtype=torch.float64, device=r.device)
     rhs = r[kept] @ w_down.to(torch.float64)
-    return torch.linalg.solve(r_ss, rhs)
+    # The ridge of refit_to_targets around zero: X = x_d[S], T = x_d W_down, so XᵀX = R_d[S,S], XᵀT = R_d[S,:] W_down.
+    return refit_to_targets(r[kept][:, kept], rhs, torch.zeros_like(rhs), damping)
 
 
 # ------------------------------------------------------------------------------- teacher refit
