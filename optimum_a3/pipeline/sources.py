@@ -236,7 +236,7 @@ class SequentialForward(OriginalForward):
         with torch.inference_mode():
             for k, (mid, _) in enumerate(self._mids):
                 if self.hold_mlp_intermediate:
-                    inputs = self._held_kept(k, kept_channels)
+                    inputs = self._held_kept(k, kept_channels, store=True)
                 else:
                     inputs = input_of(down, adapter.mlp_module(compressed),
                                       adapter.post_attention_norm_module(compressed)(mid), {})
@@ -251,13 +251,15 @@ class SequentialForward(OriginalForward):
         fit.check_finite(idx)
         return fit
 
-    def _held_kept(self, k: int, kept_channels: torch.Tensor) -> torch.Tensor:
-        """Batch ``k``'s held intermediate at the kept channels, gathered once (the teacher refit and
-        :meth:`advance` both read it). The kept channels are sorted, so a batch already at their width is
-        either gathered or, at full width, its own gather."""
+    def _held_kept(self, k: int, kept_channels: torch.Tensor, store: bool = False) -> torch.Tensor:
+        """Batch ``k``'s held intermediate at the kept channels; ``store`` keeps the gather in place of the
+        whole intermediate (the teacher refit, so that :meth:`advance` need not gather again). The kept channels
+        are sorted, so a batch already at their width is either gathered or, at full width, its own gather."""
         held = self._intermediates[k]
         if held.shape[-1] != kept_channels.numel():
-            held = self._intermediates[k] = held[..., kept_channels.to(held.device)]
+            held = held[..., kept_channels.to(held.device)]
+            if store:
+                self._intermediates[k] = held
         return held
 
     def mlp(self, idx, layer, compressed):
