@@ -14,7 +14,8 @@ Three phases; keep the machine quiet during the first two, whose figures are tim
 2. speed: prefill and decode are timed in ``--repeats`` interleaved rounds over all models (dense
    included), best round per model, so that drift and transient slowdowns hit every model alike.
 3. evaluation: perplexity of every model (the long part: ~12 min per model for the full split on 2
-   CPU cores); these figures do not depend on what else runs.
+   CPU cores), then on ``--heldout-source`` (default: held-out offline Wikipedia leads, 52 windows, ~4 min
+   per model); these figures do not depend on what else runs.
 4. with ``--tasks``: lm-evaluation-harness accuracy of every model on those tasks (the 'eval' extra),
    one table column per task metric (acc and acc_norm where the task has them).
 
@@ -233,8 +234,9 @@ def measure_speed(args, built: list[Built], vocab: int, save) -> None:
     save(built)
 
 
-def evaluate(args, built: list[Built], eval_ids: torch.Tensor, save) -> None:
-    """Phase 3: sizes and perplexity."""
+def evaluate(args, built: list[Built], eval_ids: torch.Tensor, heldout_ids: torch.Tensor | None, save) -> None:
+    """Phase 3: sizes and perplexity (WikiText-2, then the held-out text: a second domain, so that a variant
+    that only fits the evaluation set's style shows up)."""
     for entry in built:
         small, row = entry.model, entry.row
         row.update(decoder_linear_params=decoder_linear_params(small), total_params=total_params(small),
@@ -243,6 +245,12 @@ def evaluate(args, built: list[Built], eval_ids: torch.Tensor, save) -> None:
         result = perplexity(small, eval_ids, seqlen=args.eval_seqlen, max_windows=args.eval_windows, progress=False)
         row.update(ppl=result.ppl, eval_windows=result.num_windows)
         print(f"[{row['method']} {row['ratio']}] ppl {result.ppl:.2f} on {result.num_windows} windows", flush=True)
+        if heldout_ids is not None:
+            result = perplexity(small, heldout_ids, seqlen=args.eval_seqlen, max_windows=args.heldout_windows,
+                                progress=False)
+            row.update(heldout_ppl=result.ppl, heldout_windows=result.num_windows)
+            print(f"[{row['method']} {row['ratio']}] held-out ppl {result.ppl:.2f} on {result.num_windows} windows",
+                  flush=True)
         save(built)
 
 
@@ -272,6 +280,10 @@ def main():
     p.add_argument("--eval-source", default=None, help="default: WikiText-2 test (local ../shared file first)")
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--eval-windows", type=int, default=None, help="default: the full split")
+    p.add_argument("--heldout-source", default="wikipedia-offline:heldout",
+                   help="a second perplexity column on other text (default: the offline Wikipedia leads the "
+                   "calibration does not draw from); 'none' to skip")
+    p.add_argument("--heldout-windows", type=int, default=None, help="default: all of --heldout-source")
     p.add_argument("--prefill-batch", type=int, default=4)
     p.add_argument("--prefill-seqlen", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=64)
@@ -312,6 +324,7 @@ def main():
     else:
         eval_rows = load_rows(args.eval_source)
     eval_ids = tokenize_rows(eval_rows, tok)
+    heldout_ids = None if args.heldout_source == "none" else tokenize_rows(load_rows(args.heldout_source), tok)
 
     def save(built):  # atomically: a run killed while writing keeps the previous results.json
         path = os.path.join(args.out, "results.json")
@@ -321,7 +334,7 @@ def main():
 
     built = build_models(args, model, calib, save)
     measure_speed(args, built, model.config.vocab_size, save)
-    evaluate(args, built, eval_ids, save)
+    evaluate(args, built, eval_ids, heldout_ids, save)
     if selection is not None:
         zero_shot(args, built, tok, selection, save)
     write_report(args, [b.row for b in built], threads)
@@ -365,17 +378,22 @@ def write_report(args, rows, threads):
     forwards = [r["calib_forward_s"] for r in rows if r.get("calib_forward_s")]
     forward_text = f"{min(forwards):.1f}-{max(forwards):.1f} s" if forwards else "not measured"
     windows = (dense or {}).get("eval_windows")
+    heldout = getattr(args, "heldout_source", "none") != "none"  # older results.json: no such option
+    heldout_windows = (dense or {}).get("heldout_windows")
     lines = [
         f"Model `{args.model}`, calibration {args.nsamples} x {args.seqlen} tokens of `{args.calibration}` "
         f"(seed {args.seed}), WikiText-2 test perplexity at seqlen {args.eval_seqlen} on "
-        f"{windows or 'no'} windows; {threads} threads; calibration forward alone {forward_text} (measured before "
+        f"{windows or 'no'} windows"
+        + (f", held-out perplexity on `{args.heldout_source}` ({heldout_windows or 'no'} windows)" if heldout else "")
+        + f"; {threads} threads; calibration forward alone {forward_text} (measured before "
         f"each compression that runs one; plain SVD, which runs none, is compared with the latest); speed: best of "
         f"{args.repeats} interleaved rounds.",
         "",
-        "| method | ratio | WikiText-2 ppl | decoder linear params | total params | checkpoint MB | KV bytes/token "
+        "| method | ratio | WikiText-2 ppl |" + (" held-out ppl |" if heldout else "")
+        + " decoder linear params | total params | checkpoint MB | KV bytes/token "
         "| compress s | calib fwd alone s | compress / calib fwd | calib fwd share | peak extra MB "
         "| prefill tok/s (x dense) | decode tok/s (x dense) |" + "".join(f" {h} |" for h in task_header),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(task_header),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * (len(task_header) + heldout),
     ]
     if task_header:
         limit = args.tasks_limit
@@ -384,7 +402,9 @@ def write_report(args, rows, threads):
     for r, cells in zip(rows, task_cells):
         size = r.get("checkpoint_bytes")
         lines.append(
-            f"| {r['method']} | {r['ratio']:.1f} | {_fmt(r.get('ppl'), '.2f')} | {_fmt(r.get('decoder_linear_params'), ',')} "
+            f"| {r['method']} | {r['ratio']:.1f} | {_fmt(r.get('ppl'), '.2f')} |"
+            + (f" {_fmt(r.get('heldout_ppl'), '.2f')} |" if heldout else "")
+            + f" {_fmt(r.get('decoder_linear_params'), ',')} "
             f"| {_fmt(r.get('total_params'), ',')} | {_fmt(None if size is None else size / 1e6, '.1f')} "
             f"| {_fmt(r.get('kv_bytes_per_token'), ',')} "
             f"| {_fmt(r.get('compress_s'), '.1f')} | {_fmt(r.get('calib_forward_s'), '.1f')} "

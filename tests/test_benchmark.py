@@ -32,7 +32,8 @@ def test_benchmark_measures_every_model_in_one_run(tmp_path):
     out = tmp_path / "out"
     run_script("--model", base, "--ratios", "0.25", "--methods", "a3", "a3-default", "svd", "svd-llm",
                "--calibration", text, "--nsamples", 4, "--seqlen", 32, "--eval-source", text, "--eval-seqlen", 32,
-               "--eval-windows", 3, "--prefill-batch", 2, "--prefill-seqlen", 16, "--decode-tokens", 4,
+               "--eval-windows", 3, "--heldout-source", text, "--heldout-windows", 2,
+               "--prefill-batch", 2, "--prefill-seqlen", 16, "--decode-tokens", 4,
                "--repeats", 2, "--out", out, cwd=tmp_path)
 
     rows = {(r["method"], r["ratio"]): r for r in json.loads((out / "results.json").read_text())["rows"]}
@@ -43,8 +44,11 @@ def test_benchmark_measures_every_model_in_one_run(tmp_path):
     ids = tokenize_rows(load_rows(str(text)), tiny_tokenizer())
     assert dense["ppl"] == pytest.approx(perplexity(model, ids, seqlen=32, max_windows=3, progress=False).ppl,
                                          rel=1e-6)
+    assert dense["heldout_ppl"] == pytest.approx(
+        perplexity(model, ids, seqlen=32, max_windows=2, progress=False).ppl, rel=1e-6)
     for row in rows.values():
         assert row["eval_windows"] == 3 and row["ppl"] > 1
+        assert row["heldout_windows"] == 2 and row["heldout_ppl"] > 1
         assert row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0
     # Each compression that ran a calibration forward is timed against its own reference forward.
     references = set()
@@ -62,6 +66,10 @@ def test_benchmark_measures_every_model_in_one_run(tmp_path):
 
     table = (out / "results.md").read_text()
     assert len([line for line in table.splitlines() if line.startswith("| ")]) == 1 + len(rows)
+    header = table.splitlines()[2].split(" | ")
+    assert header[2:4] == ["WikiText-2 ppl", "held-out ppl"]
+    dense_cells = next(line for line in table.splitlines() if line.startswith("| dense |")).split(" | ")
+    assert dense_cells[3] == f"{dense['heldout_ppl']:.2f}" and len(dense_cells) == len(header)
     assert (out / "ppl_vs_ratio.png").stat().st_size > 0
     # --report-only rebuilds the same table from results.json.
     (out / "results.md").unlink()
@@ -71,7 +79,7 @@ def test_benchmark_measures_every_model_in_one_run(tmp_path):
     # A run cut off during the evaluation phase: --report-only tabulates what it has, into the --out given.
     saved = json.loads((out / "results.json").read_text())
     for row in saved["rows"]:
-        for key in ("ppl", "eval_windows", "decoder_linear_params", "total_params", "checkpoint_bytes",
+        for key in ("ppl", "eval_windows", "heldout_ppl", "heldout_windows", "decoder_linear_params", "total_params", "checkpoint_bytes",
                     "kv_bytes_per_token"):
             row.pop(key)
     cut = tmp_path / "cut"
