@@ -38,6 +38,10 @@ RECOVER_EXAMPLES = """\
   # 300 LoRA steps (rank 8) on the offline Wikipedia text, merged, saved as a plain A3 checkpoint
   optimum-a3 recover outputs/smollm2-a3-20 --output outputs/smollm2-a3-20-lora --steps 300 \\
       --eval wikitext2 --eval-windows 12
+
+  # the A3 weights themselves, distilled from the dense model's next-token distributions
+  optimum-a3 recover outputs/smollm2-a3-20 --output outputs/smollm2-a3-20-kd --train weights \\
+      --teacher smollm2-offline --steps 300 --bf16-autocast
 """
 HUB_NOTE = """
 The Hub token is --token, else HF_TOKEN, else the one saved by `hf auth login`; HF_ENDPOINT selects the Hub.
@@ -123,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "'quality' adds the teacher refit to that (README, Beyond the paper)")
     size.add_argument("--allocation", choices=["uniform", "mixed"], default=None,
                       help="same dims in every layer, or per-layer dims under the same budget")
+    size.add_argument("--sensitivity-tokens", type=int, default=None,
+                      help="--allocation mixed: calibration tokens on which each layer's components are probed "
+                           "(default 4096; 0: analytical errors alone)")
     size.add_argument("--mlp-refit", action=argparse.BooleanOptionalAction, default=None,
                       help="least-squares refit of down_proj after channel selection (beyond the paper; lower perplexity, "
                            "about +0.5x the calibration forward's time; off by default)")
@@ -193,19 +200,27 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--skip", nargs="*", default=["lm_head"], help="linear layers left in float (default lm_head)")
     _add_eval_after_options(q, "report perplexity after quantization on SOURCE (e.g. wikitext2)")
 
-    r = _add_command(sub, "recover", "short LoRA fine-tune of an A3 checkpoint, merged back (same architecture)",
-                     "Fine-tune a saved A3 checkpoint with LoRA on text, merge the adapters and save a plain A3 "
-                     "checkpoint with the same dims (reloadable with trust_remote_code=True). Needs the 'quant' "
-                     "extra (peft).", RECOVER_EXAMPLES)
+    r = _add_command(sub, "recover", "short fine-tune of an A3 checkpoint (LoRA merged back, or its weights)",
+                     "Fine-tune a saved A3 checkpoint on text (LoRA adapters merged back, or the projections' "
+                     "weights themselves), on the next-token loss or distilled from a teacher (the dense model), "
+                     "and save a plain A3 checkpoint with the same dims (reloadable with trust_remote_code=True). "
+                     "LoRA needs the 'quant' extra (peft).", RECOVER_EXAMPLES)
     r.add_argument("model", help="A3 checkpoint directory or hub id")
     _add_output_options(r)
     _add_trust_remote_code_option(r)
     r.add_argument("--dataset", default="wikipedia-offline:train",
                    help="training text (any calibration source; default the offline Wikipedia)")
     r.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
+    r.add_argument("--train", choices=["lora", "weights"], default="lora",
+                   help="what is trained: LoRA adapters, merged back (default), or the projections' weights")
+    r.add_argument("--teacher", default=None, metavar="MODEL",
+                   help="distill from this model's next-token distributions (the dense model: directory, GGUF, "
+                   "hub id or smollm2-offline) instead of the next-token loss")
+    r.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (default 1)")
     r.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8, the paper's)")
     r.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
-    r.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
+    r.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-4 for LoRA, 3e-5 for "
+                   "weights)")
     r.add_argument("--seqlen", type=int, default=256, help="tokens per training window")
     r.add_argument("--batch-size", type=int, default=1, help="windows per step")
     r.add_argument("--seed", type=int, default=0, help="seed of the window sampling and LoRA init")
@@ -252,6 +267,7 @@ def run_compress(args) -> dict:
         seed=args.seed, method=args.method, allocation=args.allocation, mlp_refit=args.mlp_refit,
         sequential=args.sequential, hold_mlp_intermediate=args.hold_mlp_intermediate, device=args.device,
         teacher_refit=args.teacher_refit,
+        **({} if args.sensitivity_tokens is None else {"sensitivity_tokens": args.sensitivity_tokens}),
     )
     check_output_dir(args.output, args.overwrite, inputs=[args.model])  # before any expensive work
     _check_model_spec(args.model)
@@ -310,13 +326,17 @@ def _use_streaming(args) -> bool:
 
     local_safetensors = os.path.isdir(args.model) and has_safetensors(args.model)
     streamable = local_safetensors or not (args.model == DEFAULT_MODEL or os.path.exists(args.model))
+    probes_whole_model = args.allocation == "mixed" and args.sensitivity_tokens != 0
     if args.low_memory:
         if not streamable:
             raise A3ConfigError(f"--low-memory needs a safetensors checkpoint (a directory or a Hub id), not {args.model}")
         if args.eval_source:
             raise A3ConfigError("--low-memory never holds the whole model: evaluate afterwards with `optimum-a3 eval`")
+        if probes_whole_model:
+            raise A3ConfigError("--low-memory never holds the whole model, which --allocation mixed probes: add "
+                                "--sensitivity-tokens 0 (analytical errors alone) or drop --low-memory")
         return True
-    if args.low_memory is None and not args.eval_source:
+    if args.low_memory is None and not args.eval_source and not probes_whole_model:
         return local_safetensors  # Hub ids: loaded whole, unless --low-memory asks to stream the shards
     return False
 
@@ -455,20 +475,26 @@ def run_recover(args) -> dict:
     from .config import A3Config
     from .checkpoint.loading import load_model_and_tokenizer
     from .checkpoint.records import compression_record, update_compression_record
-    from .integrations.recovery import recover_with_lora
+    from .integrations.recovery import recover
     from .checkpoint.saving import check_output_dir
 
     check_output_dir(args.output, args.overwrite, inputs=[args.model])  # before any expensive work
     _check_model_spec(args.model)
+    if args.teacher is not None:
+        _check_model_spec(args.teacher)
     # The installed A3 class, which save() expects.
     model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    teacher = None
+    if args.teacher is not None:
+        teacher, _ = load_model_and_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code)
     summary = {"model": args.model, "output": args.output}
     if args.eval_source:
         summary["ppl_before"] = _ppl(model, tokenizer, args.eval_source, args)
-    recovered = recover_with_lora(model, tokenizer, dataset=args.dataset, steps=args.steps, rank=args.rank,
-                                  alpha=args.alpha, learning_rate=args.lr, seqlen=args.seqlen,
-                                  batch_size=args.batch_size, seed=args.seed,
-                                  autocast_dtype=torch.bfloat16 if args.bf16_autocast else None)
+    recovered = recover(model, tokenizer, dataset=args.dataset, steps=args.steps, method=args.train,
+                        teacher=teacher, temperature=args.temperature, rank=args.rank, alpha=args.alpha,
+                        learning_rate=args.lr, seqlen=args.seqlen, batch_size=args.batch_size, seed=args.seed,
+                        autocast_dtype=torch.bfloat16 if args.bf16_autocast else None)
+    del teacher
     summary["recovery"] = compression_record(recovered.config).recovery
     if args.eval_source:
         summary["ppl_after"] = _ppl(recovered, tokenizer, args.eval_source, args)

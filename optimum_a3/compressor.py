@@ -172,9 +172,10 @@ class A3Compressor(OptimumQuantizer):
     def _calibration(self, model: nn.Module, tokenizer, calibration_ids, statistics) -> Calibration:
         """The calibration windows and their record: tokenized from ``config.dataset``, given as token ids,
         or those of the reused ``statistics`` (no windows needed)."""
-        if statistics is not None:
+        if statistics is not None:  # windows given too are kept: the mixed allocation's probes run on them
             record = getattr(statistics, "calibration", None) or {"dataset": "reused statistics"}
-            return Calibration(None, {**record, "seed": self.config.seed})
+            ids = None if calibration_ids is None else torch.as_tensor(calibration_ids, dtype=torch.long)
+            return Calibration(ids, {**record, "seed": self.config.seed})
         cfg = self.config
         seqlen = cfg.seqlen if calibration_ids is None else torch.as_tensor(calibration_ids).shape[-1]
         max_positions = getattr(model.config, "max_position_embeddings", None)

@@ -42,7 +42,16 @@ class A3Config:
             plus ``teacher_refit``: lower perplexity for about twice its time). Options left at ``None``
             take the method's value.
         allocation: ``"uniform"`` (§7: same dims in every layer) or ``"mixed"`` (per-layer, per-component
-            dims under the same parameter budget, chosen from the solvers' analytical errors).
+            dims under the same parameter budget: a first pass takes the original model's statistics, each
+            layer's components are priced by their analytical error curves scaled by their measured effect on
+            the output, see ``sensitivity_tokens``, and a greedy spends the budget where it costs least).
+            With sequential calibration the layers are then compressed in a second, sequential pass.
+        sensitivity_tokens: ``allocation="mixed"`` only. Calibration tokens (the first windows, at least one)
+            on which the KL divergence of the next-token distribution is measured with each layer's each
+            component compressed alone to its uniform dim (one probe per layer and component, each running
+            the rest of the model from that layer on). ``0``: the analytical errors alone, each component
+            normalized by its own total (cheaper, and measured worse than uniform on SmolLM2). Needs the
+            whole model in memory (``compress``, not ``compress_checkpoint``).
         mlp_refit: least-squares refit of down_proj after channel selection (method page §6). Lowers the
             perplexity further; accumulating its intermediate-sized statistic adds about half a
             calibration forward's time.
@@ -94,13 +103,12 @@ class A3Config:
     hold_mlp_intermediate: bool = True
     teacher_refit: bool | None = None
     teacher_damping: float = 1.0
+    sensitivity_tokens: int = 4096
 
     def __post_init__(self):
         self._coerce_types()
         if self.method not in METHODS:
             raise A3ConfigError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
-        if self.allocation == "mixed" and self.sequential is None:
-            self.sequential = False  # the two do not combine (see below); an explicit mixed request wins
         for name, value in METHODS[self.method].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -127,8 +135,8 @@ class A3Config:
                 raise A3ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not isinstance(self.hold_mlp_intermediate, bool):
             raise A3ConfigError(f"hold_mlp_intermediate must be True or False, got {self.hold_mlp_intermediate!r}")
-        if self.sequential and self.allocation == "mixed":
-            raise A3ConfigError("sequential calibration needs dims before statistics: use allocation='uniform'")
+        if self.sensitivity_tokens < 0:
+            raise A3ConfigError(f"sensitivity_tokens must be >= 0, got {self.sensitivity_tokens}")
         if self.allocation == "mixed" and (self.ratio is None or any(
                 getattr(self, _DIM_FIELDS[c]) is not None for c in self.components)):
             raise A3ConfigError("allocation='mixed' distributes a ratio's budget: give a ratio and no explicit dims")
@@ -209,7 +217,7 @@ class A3Config:
 
 _DIM_FIELDS = {"qk": "head_dim_qk", "ov": "head_dim_vo", "mlp": "intermediate_size"}
 _FLOAT_FIELDS = ("ratio", "eig_floor", "refit_damping", "teacher_damping")
-_INT_FIELDS = ("nsamples", "seqlen", "batch_size", "seed")
+_INT_FIELDS = ("nsamples", "seqlen", "batch_size", "seed", "sensitivity_tokens")
 _BOOL_FIELDS = ("mlp_refit", "sequential", "hold_mlp_intermediate", "teacher_refit")  # None (the method's value) is left as is
 
 # Presets: "paper" reproduces arXiv 2505.12942; "default" is the best measured within the time budget.

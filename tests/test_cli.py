@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 import yaml
 
 from optimum_a3.cli import build_parser, main
@@ -182,6 +183,26 @@ def test_recover_fine_tunes_and_saves_a_plain_a3_checkpoint(compressed_dir, base
     assert config["a3_compression"]["recovery"]["rank"] == 8
 
 
+def test_recover_distills_the_weights_from_the_dense_model(compressed_dir, base_dir, tmp_path, capsys):
+    text = str(base_dir / "text.txt")
+    code, out, err = run(capsys, ["recover", str(compressed_dir), "-o", str(tmp_path / "r"), "--dataset", text,
+                                  "--train", "weights", "--teacher", str(base_dir / "base"), "--temperature", "2",
+                                  "--steps", "6", "--seqlen", "32", "--lr", "3e-3", "--eval", text,
+                                  "--eval-seqlen", "32", "--eval-windows", "2"])
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["ppl_after"] != summary["ppl_before"]
+    record = json.loads((tmp_path / "r" / "config.json").read_text())["a3_compression"]["recovery"]
+    from safetensors.torch import load_file
+
+    before, after = load_file(compressed_dir / "model.safetensors"), load_file(tmp_path / "r" / "model.safetensors")
+    assert before.keys() == after.keys()
+    for name, value in before.items():  # the projections were trained, the rest is as it was
+        assert torch.equal(after[name], value) == ("_proj." not in name), name
+    assert record["method"] == "weights" and record["objective"] == "distillation" and "rank" not in record
+    assert record["teacher"] == str(base_dir / "base") and record["temperature"] == 2.0
+
+
 @pytest.mark.parametrize("argv,command,match", [
     (["compress", "{base}", "--ratio", "1.5", "-o", "{tmp}/o"], "compress", "ratio must be in [0, 1)"),
     (["compress", "{base}", "--ratio", "0.2", "-o", "{busy}"], "compress", "is not empty"),
@@ -191,6 +212,10 @@ def test_recover_fine_tunes_and_saves_a_plain_a3_checkpoint(compressed_dir, base
      "compress", "unknown text source"),
     (["compress", "{tmp}/missing.gguf", "--ratio", "0.2", "-o", "{tmp}/o", "--low-memory"], "compress",
      "no such GGUF file"),
+    (["compress", "{base}", "--ratio", "0.2", "-o", "{tmp}/o", "--low-memory", "--allocation", "mixed"], "compress",
+     "add --sensitivity-tokens 0"),
+    (["compress", "{base}", "--ratio", "0.2", "-o", "{tmp}/o", "--allocation", "mixed", "--sensitivity-tokens", "-1"],
+     "compress", "sensitivity_tokens must be >= 0"),
     (["compress", "{base}", "--ratio", "0.2", "-o", "{tmp}/o", "--low-memory", "--eval", "wikitext2"], "compress",
      "evaluate afterwards"),
     (["compress", "{base}", "--ratio", "0.2", "-o", "{tmp}/o", "--stats-cache", "{tmp}/c", "--seqlen", "32"],
@@ -202,12 +227,16 @@ def test_recover_fine_tunes_and_saves_a_plain_a3_checkpoint(compressed_dir, base
     (["quantize", "{base}", "-o", "{busy}"], "quantize", "is not empty"),
     (["recover", "{base}", "-o", "{tmp}/o", "--steps", "2"], "recover", "expects an A3 model"),
     (["recover", "{tmp}/no-such-checkpoint", "-o", "{tmp}/o"], "recover", "no such file or directory"),
+    (["recover", "{compressed}", "-o", "{tmp}/o", "--teacher", "{tmp}/no-such-teacher"], "recover",
+     "no such file or directory"),
+    (["recover", "{compressed}", "-o", "{tmp}/o", "--teacher", "{base}", "--temperature", "0", "--steps", "2"],
+     "recover", "temperature must be a positive number"),
 ])
-def test_bad_input_exits_2_with_one_line(argv, command, match, base_dir, tmp_path, capsys):
+def test_bad_input_exits_2_with_one_line(argv, command, match, base_dir, compressed_dir, tmp_path, capsys):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("x")
-    argv = [a.format(base=base_dir / "base", tmp=tmp_path, busy=busy) for a in argv]
+    argv = [a.format(base=base_dir / "base", tmp=tmp_path, busy=busy, compressed=compressed_dir) for a in argv]
     code, out, err = run(capsys, argv)
     assert code == 2 and out == ""
     assert_one_line_error(err, command, match)

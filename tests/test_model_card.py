@@ -94,6 +94,17 @@ def test_recovery_fine_tune_is_described_only_when_it_ran():
     assert "| A3-compressed, before the recovery fine-tune | 39.250 |" in card
     assert "| A3-compressed + LoRA recovery | 37.500 |" in card and "Base (dense)" not in card
     assert "with only a short LoRA fine-tune afterwards" in card
+    assert "on the next-token loss." in card and "distilled" not in card
+    # A fine-tune of the weights themselves, distilled from the dense model.
+    record["recovery"] = {**record["recovery"], "method": "weights", "objective": "distillation",
+                          "teacher": "HuggingFaceTB/SmolLM2-135M-Instruct", "temperature": 2.0}
+    del record["recovery"]["rank"], record["recovery"]["alpha"]
+    card = render_model_card(small)
+    assert "the weights of its projections were fine-tuned directly for\n300 steps" in card and "LoRA" not in card
+    assert "distilled from `HuggingFaceTB/SmolLM2-135M-Instruct` (the KL divergence from its next-token " in card
+    assert "temperature 2.0)" in card and "merged" not in card
+    assert "| A3-compressed + weight distillation recovery | 37.500 |" in card
+    assert "with only a short weight fine-tune afterwards" in card
 
 
 def test_per_layer_dims_license_from_local_base_and_write(tmp_path):

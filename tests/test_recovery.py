@@ -1,4 +1,5 @@
-"""LoRA recovery fine-tune of A3 models: lower training loss, unchanged architecture, reproducible."""
+"""Recovery fine-tune of A3 models (LoRA or the weights, next-token loss or distillation): lower training
+loss, unchanged architecture, reproducible."""
 
 import copy
 
@@ -8,7 +9,7 @@ import torch
 from optimum_a3 import A3Compressor, A3Config, A3LlamaForCausalLM
 from optimum_a3.calibration.windows import calibration_windows
 from optimum_a3.integrations.quantization import quantize_model
-from optimum_a3.integrations.recovery import RecoveryError, lm_loss, recover_with_lora
+from optimum_a3.integrations.recovery import RecoveryError, _distillation_loss, lm_loss, recover, recover_with_lora
 from tiny_models import random_token_windows, tiny_llama, tiny_tokenizer
 
 CALIB = random_token_windows(8, 32, seed=11)
@@ -22,8 +23,13 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def a3_model():
-    return A3Compressor(A3Config(ratio=0.25)).compress(tiny_llama(), calibration_ids=CALIB, progress=False)
+def dense():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def a3_model(dense):
+    return A3Compressor(A3Config(ratio=0.25)).compress(dense, calibration_ids=CALIB, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +124,64 @@ def test_bad_inputs_give_clear_errors(a3_model, tokenizer):
             recover_with_lora(a3_model, tokenizer, **{**RUN, **bad})
     with pytest.raises(RecoveryError, match="loss became"):
         recover_with_lora(a3_model, tokenizer, **{**RUN, "learning_rate": 1e30})
+
+
+def mean_kl(teacher, student, windows) -> float:
+    """Mean KL(teacher || student) of the next-token distributions over every position of ``windows``."""
+    with torch.no_grad():
+        return _distillation_loss(student(windows).logits, teacher(windows).logits, 1.0).item()
+
+
+def test_distillation_loss_is_the_kl_divergence():
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11, generator=gen), torch.randn(2, 5, 11, generator=gen)
+    for temperature in (1.0, 2.5):
+        p = torch.softmax(teacher / temperature, -1)
+        expected = (p * (p.log() - torch.log_softmax(student / temperature, -1))).sum(-1).mean() * temperature ** 2
+        assert _distillation_loss(student, teacher, temperature).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert _distillation_loss(teacher, teacher, 1.0).abs().item() < 1e-6
+
+
+@pytest.mark.parametrize("method", ["lora", "weights"])
+def test_distillation_brings_the_model_closer_to_the_dense_teacher(dense, a3_model, tokenizer, method):
+    run = {**RUN, "learning_rate": 1e-2 if method == "lora" else 3e-3}
+    distilled = recover(a3_model, tokenizer, method=method, teacher=dense, **run)
+    windows = calibration_windows(tokenizer, TEXT, RUN["steps"], RUN["seqlen"], RUN["seed"])  # the training windows
+    before, after = mean_kl(dense, a3_model, windows), mean_kl(dense, distilled, windows)
+    assert after < 0.8 * before
+    record = distilled.config.a3_compression["recovery"]
+    assert record["method"] == method and record["objective"] == "distillation" and record["temperature"] == 1.0
+    assert record["teacher"] == dense.config._name_or_path or record["teacher"] == type(dense).__name__
+    assert ("rank" in record) == (method == "lora")
+    assert type(distilled) is A3LlamaForCausalLM
+    assert [p.requires_grad for p in distilled.parameters()] == [p.requires_grad for p in a3_model.parameters()]
+
+
+def test_weight_fine_tune_trains_only_the_projections(a3_model, tokenizer):
+    tuned = recover(a3_model, tokenizer, method="weights", **{**RUN, "learning_rate": 3e-3})
+    windows = calibration_windows(tokenizer, TEXT, RUN["steps"], RUN["seqlen"], RUN["seed"])
+    assert lm_loss(tuned, windows) < lm_loss(a3_model, windows) - 0.1
+    before, after = a3_model.state_dict(), tuned.state_dict()
+    assert before.keys() == after.keys()
+    projections = {f"{name}.weight" for name, m in a3_model.named_modules() if name.endswith("_proj")}
+    for name, value in before.items():
+        assert after[name].shape == value.shape and after[name].dtype == value.dtype
+        assert torch.equal(after[name], value) == (name not in projections), name  # the rest is frozen
+    assert tuned.config.a3_compression["recovery"]["objective"] == "next-token"
+    assert "recovery" not in a3_model.config.a3_compression
+    again = recover(a3_model, tokenizer, method="weights", **{**RUN, "learning_rate": 3e-3}).state_dict()
+    assert all(torch.equal(again[k], v) for k, v in after.items())
+
+
+def test_bad_recovery_method_or_teacher_gives_clear_errors(a3_model, tokenizer):
+    with pytest.raises(RecoveryError, match="method must be one of 'lora', 'weights', got 'full'"):
+        recover(a3_model, tokenizer, method="full", **RUN)
+    with pytest.raises(RecoveryError, match="teacher's vocabulary \\(64\\) is not the model's \\(128\\)"):
+        recover(a3_model, tokenizer, teacher=tiny_llama(vocab=64), **RUN)
+    with pytest.raises(RecoveryError, match="the teacher is the model being fine-tuned"):
+        recover(a3_model, tokenizer, teacher=a3_model, **RUN)
+    for bad in (0.0, -1.0, float("inf"), True):
+        with pytest.raises(RecoveryError, match="temperature must be a positive number"):
+            recover(a3_model, tokenizer, teacher=tiny_llama(), temperature=bad, **RUN)
+    with pytest.raises(RecoveryError, match="no linear layer is named like"):
+        recover(a3_model, tokenizer, method="weights", target_modules=["nope"], **RUN)

@@ -445,10 +445,15 @@ def _evaluation(ev: Any) -> dict | None:
 
 
 def _recovery(rec: Any) -> dict | None:
-    """The LoRA recovery fine-tune (optimum_a3.integrations.recovery), when one was run after compression."""
-    if not isinstance(rec, dict) or rec.get("method") != "lora":
+    """The recovery fine-tune (optimum_a3.integrations.recovery), when one was run after compression."""
+    if not isinstance(rec, dict) or rec.get("method") not in ("lora", "weights"):
         return None
-    return {**{k: rec.get(k) for k in ("rank", "alpha", "steps", "batch_size", "seqlen", "learning_rate", "seed")},
+    distilled = rec.get("objective") == "distillation"
+    return {**{k: rec.get(k) for k in ("method", "rank", "alpha", "steps", "batch_size", "seqlen", "learning_rate",
+                                       "seed", "temperature")},
+            "label": ("LoRA" if rec["method"] == "lora" else "weight") + (" distillation" if distilled else "")
+            + " recovery",
+            "distilled": distilled, "teacher": rec.get("teacher") or "an unrecorded model",
             "tokens_text": f"{rec['tokens']:,}" if rec.get("tokens") else "?",
             "dataset_text": _dataset_text(rec.get("dataset")),
             "loss_first": f"{rec['loss_first_steps']:.3f}" if rec.get("loss_first_steps") is not None else "?",

@@ -3,7 +3,7 @@
 * ``a3_compression`` (:class:`CompressionRecord`): how an A3 model was compressed (base model, ratio, dims,
   calibration, the A3 settings), with what the library counted or measured afterwards (``sizes``, ``recovery``,
   ``evaluation``). Written by :class:`~optimum_a3.A3Compressor`, extended by the CLI and
-  :func:`~optimum_a3.integrations.recovery.recover_with_lora`, read by the model card, the Hub push and recovery.
+  :func:`~optimum_a3.integrations.recovery.recover`, read by the model card, the Hub push and recovery.
 * ``a3_quantization`` (:class:`QuantizationRecord`): how a checkpoint was quantized, written by
   :func:`~optimum_a3.integrations.quantization.quantize_model` (and the CLI's evaluation), read back by
   :func:`~optimum_a3.integrations.quantization.load_quantized`, the loaders, the model card and the Hub push.
@@ -97,7 +97,8 @@ _COMPRESSION_EVALUATION = {"source": (_STR,), "seqlen": (_INT,), "max_windows": 
 _RECOVERY = {"method": (_STR,), "rank": (_INT,), "alpha": (_NUMBER,), "target_modules": (_STR_LIST,),
              "steps": (_INT,), "batch_size": (_INT,), "seqlen": (_INT,), "learning_rate": (_NUMBER,),
              "dataset": (_STR,), "tokens": (_INT,), "seed": (_INT,), "autocast_dtype": (_STR,),
-             "loss_first_steps": (_NUMBER,), "loss_last_steps": (_NUMBER,), "peft_version": (_STR,)}
+             "loss_first_steps": (_NUMBER,), "loss_last_steps": (_NUMBER,), "peft_version": (_STR,),
+             "objective": (_STR,), "teacher": (_STR,), "temperature": (_NUMBER,)}
 _SIZE_PAIRS = ("decoder_linear_params", "total_params", "kv_cache_bytes_per_token")
 _QUANTIZATION_EVALUATION = {"source": (_STR,), "seqlen": (_INT,), "max_windows": (_INT,), "ppl": (_NUMBER,)}
 
@@ -161,7 +162,7 @@ class CompressionRecord(_Record):
         a3_config: ``A3Config.to_dict()`` (its ``dataset`` replaced by the description).
         sizes: ``[base, compressed]`` counts counted on both models: ``decoder_linear_params``, ``total_params``,
             ``kv_cache_bytes_per_token``.
-        recovery: the LoRA recovery fine-tune's settings and losses (:mod:`optimum_a3.integrations.recovery`).
+        recovery: the recovery fine-tune's settings and losses (:mod:`optimum_a3.integrations.recovery`).
         evaluation: measured perplexity: ``source``, ``seqlen``, ``max_windows``, ``ppl_dense``,
             ``ppl_compressed`` (``ppl_before_recovery`` after a recovery).
         extra: keys this version does not know (a newer version's, or a user's such as ``license``), kept.

@@ -96,3 +96,31 @@ def mixed_dims(tracks: list[Track], uniform: list[LayerDims], pools=(("qk",), ("
         budget = _removed_params(pool_tracks, uniform_dims)
         result.update(greedy_allocate(pool_tracks, budget))
     return [LayerDims(result[(i, "qk")], result[(i, "ov")], result[(i, "mlp")]) for i in range(len(uniform))]
+
+
+def scaled_by_sensitivity(tracks: list[Track], probe_dims: dict[tuple[int, str], int],
+                          kl: dict[tuple[int, str], float]) -> list[Track]:
+    """The tracks with their errors in measured units: each track's analytical curve keeps its shape and
+    is scaled so that removing the units down to ``probe_dims[key]`` costs the measured ``kl[key]``.
+
+    A track with nothing removed at its probe dim (so nothing measured) takes the median scale of its
+    component's measured tracks. The result goes to :func:`mixed_dims` with one pool for all components.
+    """
+    scales: dict[tuple[int, str], float] = {}
+    for t in tracks:
+        key = (t.layer, t.component)
+        units = (t.full - probe_dims[key]) // t.step
+        error = float(t.marginal[:units].sum()) if units > 0 else 0.0
+        if units > 0 and error > 0.0:
+            scales[key] = max(kl[key], 0.0) / error
+    by_component: dict[str, list[float]] = {}
+    for (_, component), scale in scales.items():
+        by_component.setdefault(component, []).append(scale)
+    scaled = []
+    for t in tracks:
+        scale = scales.get((t.layer, t.component))
+        if scale is None:
+            measured = sorted(by_component.get(t.component, [1.0]))
+            scale = measured[len(measured) // 2]
+        scaled.append(Track(t.layer, t.component, t.full, t.step, t.params_per_unit, t.marginal * scale))
+    return scaled

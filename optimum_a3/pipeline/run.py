@@ -22,12 +22,13 @@ from ..checkpoint.records import CompressionRecord, update_compression_record
 from ..checkpoint.stats_cache import StaleCacheEntry, StatisticsCache, statistics_key, tensor_digest
 from ..checkpoint.weight_checks import check_weights_read
 from ..config import _DIM_FIELDS, A3Config, A3ConfigError
-from ..math.allocation import layer_tracks, mixed_dims
+from ..math.allocation import layer_tracks, mixed_dims, scaled_by_sensitivity
 from ..math.budget import LayerDims, decoder_linear_params, kv_cache_bytes_per_token, total_params
 from ..models.adapters import adapter_for
 from ..version import __version__
 from .distributed import Ranks
-from .loop import LayerPlan, compress_layers
+from .loop import LayerPlan, ResidentLayers, compress_layers
+from .sensitivity import SensitivityProbe, measure_sensitivity
 from .sinks import ModelSink, ShardSink
 from .sources import (CachedStatistics, OriginalForward, RecordedToCache, SequentialForward, StatisticsSource,
                       StoredStatistics)
@@ -93,6 +94,13 @@ def run_compression(config: A3Config, model: nn.Module, calibration: Callable[[]
     if ranks.distributed and (statistics is not None or stats_cache is not None):
         raise A3ConfigError("a distributed run computes its statistics: reusing statistics or a stats_cache is "
                             "for one process")
+    if cfg.allocation == "mixed" and cfg.sensitivity_tokens:
+        if not isinstance(originals, ResidentLayers):
+            raise A3ConfigError("allocation='mixed' measures each layer's sensitivity by running the whole model, "
+                                "which layer-streamed compression does not hold: use compress(), or sensitivity_tokens=0")
+        if data.ids is None:
+            raise A3ConfigError("allocation='mixed' measures sensitivity on calibration windows: pass calibration_ids "
+                                "with the reused statistics, or set sensitivity_tokens=0")
     plan = LayerPlan(adapter, geometry, dims, cfg)
     attempt = functools.partial(_attempt, plan, model, data, originals, make_sink, statistics, stats_cache, ranks,
                                 progress=progress and ranks.is_main, keep_statistics=keep_statistics)
@@ -105,13 +113,19 @@ def run_compression(config: A3Config, model: nn.Module, calibration: Callable[[]
 def _attempt(plan: LayerPlan, model, calibration: Calibration, originals, make_sink, statistics, stats_cache,
              ranks: Ranks, *, reuse_cache: bool, progress: bool, keep_statistics: bool) -> CompressionResult:
     start = time.perf_counter()
-    source, cache_hit = _source(plan, model, calibration, statistics, stats_cache, reuse_cache, ranks)
+    mixed = plan.config.allocation == "mixed"
+    # The mixed allocation needs every layer's statistics before any dim: a first pass on the original
+    # model (from the cache or handed in where they are); a sequential run then calibrates again.
+    first_plan = _original_statistics_plan(plan) if mixed else plan
+    source, cache_hit = _source(first_plan, model, calibration, statistics, stats_cache, reuse_cache, ranks)
     sink = make_sink()
     completed = False
     try:
         with _eval_mode(model):
-            if plan.config.allocation == "mixed":  # every layer's statistics are needed before any dim
-                source, plan = _mixed_plan(plan, originals, source)
+            if mixed:
+                stored, plan = _mixed_plan(plan, model, originals, source, calibration, ranks, progress)
+                source = _source(plan, model, calibration, None, None, False, ranks)[0] if plan.config.sequential \
+                    else stored
             record = _record(model, plan.dims, calibration.record, plan.config)
             compressed = empty_compressed_model(plan.adapter, model, plan.dims, record, materialize=sink.materialize)
             report = compress_layers(plan, originals, compressed, source, sink, progress, keep_statistics)
@@ -158,9 +172,20 @@ def _source(plan: LayerPlan, model, calibration: Calibration, statistics, stats_
     return source, False
 
 
-def _mixed_plan(plan: LayerPlan, originals, source: StatisticsSource) -> tuple[StatisticsSource, LayerPlan]:
-    """Mixed allocation (§7): a first pass takes every layer's statistics and its error tracks, the dims
-    are allocated from all of them, and the loop then reads the statistics kept from that pass."""
+def _original_statistics_plan(plan: LayerPlan) -> LayerPlan:
+    """``plan`` with statistics of the original model (no sequential calibration, no teacher refit)."""
+    cfg = plan.config
+    if not cfg.sequential:
+        return plan
+    return dataclasses.replace(plan, config=dataclasses.replace(cfg, sequential=False, teacher_refit=False))
+
+
+def _mixed_plan(plan: LayerPlan, model, originals, source: StatisticsSource, calibration: Calibration, ranks: Ranks,
+                progress: bool) -> tuple[StatisticsSource, LayerPlan]:
+    """Mixed allocation (§7): a first pass takes every layer's statistics of the original model and its error
+    tracks; with ``sensitivity_tokens`` each track is priced by a measured probe (:mod:`.sensitivity`), and
+    the dims are allocated from all of them. Returns the statistics of that pass and the plan with the dims."""
+    cfg = plan.config
     statistics, tracks = [], []
     for idx in range(plan.geometry.num_layers):
         layer = originals.get(idx)
@@ -168,11 +193,27 @@ def _mixed_plan(plan: LayerPlan, originals, source: StatisticsSource) -> tuple[S
         stats = source.mlp(idx, layer, None)
         source.advance(idx, layer, None, None)
         weights = {name: lin.weight.detach().to(torch.float64).T for name, lin in plan.adapter.linears(layer).items()}
-        tracks += layer_tracks(idx, weights, stats, plan.geometry, plan.config.components)
+        tracks += layer_tracks(idx, weights, stats, plan.geometry, cfg.components)
         statistics.append(stats)
         originals.release(idx)
     source.close(True)
-    return StoredStatistics(statistics), dataclasses.replace(plan, dims=mixed_dims(tracks, plan.dims))
+    pools = (("qk",), ("ov", "mlp"))  # analytical errors: score units and output-energy units
+    if cfg.sensitivity_tokens:
+        probe = SensitivityProbe(model, plan.adapter, ranks.share(_probe_windows(calibration, cfg)),
+                                 batch_size=cfg.batch_size, device=cfg.device, ranks=ranks)
+        kl = measure_sensitivity(probe, plan.adapter, plan.geometry, [originals.get(i) for i in range(len(statistics))],
+                                 statistics, plan.dims, cfg.components, cfg, progress)
+        del probe
+        field = {"qk": "head_dim_qk", "ov": "head_dim_vo", "mlp": "intermediate_size"}
+        probe_dims = {(t.layer, t.component): getattr(plan.dims[t.layer], field[t.component]) for t in tracks}
+        tracks, pools = scaled_by_sensitivity(tracks, probe_dims, kl), (tuple(cfg.components),)  # all in KL units
+    return StoredStatistics(statistics), dataclasses.replace(plan, dims=mixed_dims(tracks, plan.dims, pools=pools))
+
+
+def _probe_windows(calibration: Calibration, cfg: A3Config) -> torch.Tensor:
+    """The first calibration windows holding ``sensitivity_tokens`` tokens (at least one window)."""
+    ids = calibration.ids
+    return ids[:max(1, -(-cfg.sensitivity_tokens // ids.shape[1]))]
 
 
 @contextlib.contextmanager

@@ -1,0 +1,164 @@
+"""Measured sensitivity for the mixed allocation: how far the model's next-token distribution moves when
+one component of one layer alone is compressed.
+
+For every layer ``l`` and component ``c`` (qk, ov, mlp), the component is solved at its uniform dim and put,
+for the probe only, into the ORIGINAL model in a zero-padded form that computes what the compressed layer
+computes (dropped rotary pairs, v/o dims and MLP channels become zero rows or columns of the original-shaped
+weights). The rest of the model runs from layer ``l``'s cached input, and the mean KL divergence of its
+next-token distribution from the original model's, over the probe tokens, is the figure. The original
+weights are put back after each probe.
+
+The allocator (:func:`optimum_a3.math.allocation.scaled_by_sensitivity`) turns each figure into a per-unit
+price: the analytical error curve of the component keeps its shape, its scale becomes "KL per unit of
+analytical error", so that layers and components are compared by their effect on the output.
+(Qwen3's q/k RMSNorm normalizes over all head dims, so there the zero-padded q/k differ slightly from a
+model that keeps fewer dims: an estimate, as every probe is.)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..math import solvers
+from ..math.budget import LayerDims
+from ..models.adapters import Geometry
+from .distributed import Ranks
+from .forward import LayerInput, capture_first_layer_inputs, layer_output
+from .layer_solver import mlp_kept_channels, solve_attention, solve_mlp
+from .statistics import LayerStatistics
+
+# How many probe tokens the final norm + lm_head turn into log-probabilities at once (vocab-sized rows).
+_HEAD_CHUNK = 512
+
+
+class SensitivityProbe:
+    """The original model's layer inputs and next-token log-probabilities on the probe tokens, cached once,
+    and :meth:`kl` of the model with one layer's weights replaced."""
+
+    def __init__(self, model: nn.Module, adapter, input_ids: torch.Tensor, *, batch_size: int, device=None,
+                 ranks: Ranks | None = None):
+        self.model, self.adapter, self.ranks = model, adapter, ranks or Ranks()
+        self.layers = adapter.layers(model)
+        device = torch.device(device) if device is not None else model.get_input_embeddings().weight.device
+        with torch.inference_mode():
+            batches = capture_first_layer_inputs(model, self.layers, input_ids, batch_size, device)
+            self.inputs: list[list[LayerInput]] = []
+            for layer in self.layers:
+                self.inputs.append(batches)
+                batches = [(layer_output(layer, hidden, kwargs), kwargs) for hidden, kwargs in batches]
+            self.reference = [self._log_probs(hidden) for hidden, _ in batches]
+
+    def _log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        norm, head = self.adapter.decoder(self.model).norm, self.model.get_output_embeddings()
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        return torch.cat([torch.log_softmax(head(norm(flat[i:i + _HEAD_CHUNK])).float(), dim=-1)
+                          for i in range(0, flat.shape[0], _HEAD_CHUNK)])
+
+    def kl(self, idx: int, replacements: dict[nn.Parameter, torch.Tensor]) -> float:
+        """Mean KL(original ‖ probed) per token (all ranks' tokens) with ``replacements`` (parameter -> value,
+        same shape) in place in layers >= ``idx``; the parameters get their values back afterwards."""
+        saved = {p: p.detach().clone() for p in replacements}
+        total, count = torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+        try:
+            with torch.no_grad():
+                for p, value in replacements.items():
+                    p.copy_(value)
+            with torch.inference_mode():
+                for (hidden, kwargs), reference in zip(self.inputs[idx], self.reference):
+                    for layer in self.layers[idx:]:
+                        hidden = layer_output(layer, hidden, kwargs)
+                    probed = self._log_probs(hidden)
+                    total += (reference.exp() * (reference - probed)).sum().to(torch.float64).cpu()
+                    count += reference.shape[0]
+        finally:
+            with torch.no_grad():
+                for p, value in saved.items():
+                    p.copy_(value)
+        self.ranks.all_reduce_([total, count])
+        return max(total.item() / count.item(), 0.0)  # float noise can leave a tiny negative at ratio 0
+
+
+def _scatter_rows(rows: torch.Tensor, full: int, groups: int, index: torch.Tensor) -> torch.Tensor:
+    """``rows`` (groups*k, ...) placed at row ``index[g]`` (k positions) of each group of ``full`` rows."""
+    k = index.shape[1]
+    out = rows.new_zeros(groups, full, *rows.shape[1:])
+    out[torch.arange(groups)[:, None], index] = rows.reshape(groups, k, *rows.shape[1:])
+    return out.reshape(groups * full, *rows.shape[1:])
+
+
+def padded_component(adapter, layer: nn.Module, stats: LayerStatistics, geometry: Geometry, dims: LayerDims,
+                     component: str, config) -> dict[nn.Parameter, torch.Tensor]:
+    """The original-shaped values of ``layer``'s parameters that compute what the layer computes with only
+    ``component`` compressed to its dim in ``dims`` (the other components kept whole)."""
+    lin = adapter.linears(layer)
+    h, g, hd = geometry.num_heads, geometry.num_kv_heads, geometry.head_dim
+    full = LayerDims(hd, hd, lin["down"].in_features)
+    out: dict[nn.Parameter, torch.Tensor] = {}
+
+    def put(name: str, key: str, value: torch.Tensor):
+        out[getattr(lin[name], key)] = value.to(getattr(lin[name], key).dtype)
+
+    def entry(entries, name, key="weight"):
+        return entries.get(f"{adapter.linear_paths[name]}.{key}")
+
+    if component == "qk":
+        entries = solve_attention(adapter, layer, stats, geometry, LayerDims(dims.head_dim_qk, hd, full.intermediate_size),
+                                  config)
+        kept = solvers.rope_kept_dims(entries[adapter.rope_pairs_path], hd)   # (g, k)
+        for name, heads in (("q", h), ("k", g)):
+            index = kept.repeat_interleave(heads // kept.shape[0], dim=0)
+            put(name, "weight", _scatter_rows(entry(entries, name), hd, heads, index))
+            if entry(entries, name, "bias") is not None:
+                put(name, "bias", _scatter_rows(entry(entries, name, "bias"), hd, heads, index))
+    elif component == "ov":
+        entries = solve_attention(adapter, layer, stats, geometry, LayerDims(hd, dims.head_dim_vo, full.intermediate_size),
+                                  config)
+        k = dims.head_dim_vo
+        first = torch.arange(k).expand(h, k)
+        put("v", "weight", _scatter_rows(entry(entries, "v"), hd, g, first[:g]))
+        if entry(entries, "v", "bias") is not None:
+            put("v", "bias", _scatter_rows(entry(entries, "v", "bias"), hd, g, first[:g]))
+        o_weight = _scatter_rows(entry(entries, "o").T, hd, h, first).T
+        o_bias = entry(entries, "o", "bias")  # with a v_proj bias, that bias folded in (layer_solver)
+        if o_bias is not None and lin["o"].bias is not None:
+            put("o", "bias", o_bias)
+        elif o_bias is not None:
+            # No o_proj bias to hold the fold: one padded dim per head carries it instead. A v_proj bias
+            # of 1 there makes every head's attention output 1 in that dim (attention rows sum to one),
+            # and o_proj's column for it adds o_bias / heads per head.
+            v_bias = out[lin["v"].bias].clone()
+            v_bias.view(g, hd)[:, k] = 1.0
+            out[lin["v"].bias] = v_bias
+            o_weight.view(-1, h, hd)[:, :, k] = (o_bias / h).to(o_weight.dtype)[:, None]
+        put("o", "weight", o_weight)
+    elif component == "mlp":
+        mlp_dims = LayerDims(hd, hd, dims.intermediate_size)
+        kept = mlp_kept_channels(adapter, layer, stats, mlp_dims)
+        entries = solve_mlp(adapter, layer, stats, mlp_dims, config, kept=kept)
+        put("down", "weight", _scatter_rows(entry(entries, "down").T, full.intermediate_size, 1, kept[None]).T)
+    else:
+        raise ValueError(f"unknown component {component!r}")
+    return out
+
+
+def measure_sensitivity(probe: SensitivityProbe, adapter, geometry: Geometry, layers, statistics: list[LayerStatistics],
+                        dims: list[LayerDims], components, config, progress: bool = True) -> dict[tuple[int, str], float]:
+    """KL of every (layer, component) compressed alone to its dim in ``dims``; ``layers[idx]`` is the
+    original layer (in the probe's model), ``statistics[idx]`` its statistics."""
+    field = {"qk": "head_dim_qk", "ov": "head_dim_vo", "mlp": "intermediate_size"}
+    full = {"qk": geometry.head_dim, "ov": geometry.head_dim, "mlp": None}
+    result = {}
+    jobs = [(idx, c) for idx in range(geometry.num_layers) for c in components]
+    for idx, component in tqdm(jobs, desc="A3 sensitivity probes", unit="probe", disable=not progress):
+        layer = layers[idx]
+        target = getattr(dims[idx], field[component])
+        whole = full[component] or adapter.linears(layer)["down"].in_features
+        if target >= whole:
+            result[(idx, component)] = 0.0  # nothing removed at this dim: nothing to measure
+            continue
+        stats = statistics[idx].to(config.device or statistics[idx].attn_input_autocorr.device)
+        result[(idx, component)] = probe.kl(idx, padded_component(adapter, layer, stats, geometry, dims[idx],
+                                                                  component, config))
+    return result
