@@ -8,7 +8,7 @@ import torch
 
 from optimum_a3 import A3Compressor, A3Config
 from optimum_a3.math.allocation import Track, mixed_dims, scaled_by_sensitivity
-from optimum_a3.math.budget import LayerDims
+from optimum_a3.math.budget import LayerDims, decoder_linear_params
 from optimum_a3.models.adapters import adapter_for
 from optimum_a3.pipeline.sensitivity import SensitivityProbe, padded_component
 from optimum_a3.pipeline.sources import OriginalForward
@@ -112,12 +112,6 @@ def test_sensitivity_scaling_keeps_each_curve_and_prices_the_probe_dim_at_its_kl
     assert dims[1].head_dim_vo > dims[0].head_dim_vo  # layer 1's v/o dims cost 13x more KL per unit
 
 
-def units_removed(model):
-    from optimum_a3.math.budget import decoder_linear_params
-
-    return decoder_linear_params(model)
-
-
 def test_mixed_allocation_from_probes_meets_the_uniform_budget_and_moves_dims_between_layers():
     model = tiny_llama(layers=3).eval()
     uniform = A3Compressor(A3Config(ratio=0.3, method="paper")).compress(model, calibration_ids=CALIB, progress=False)
@@ -125,7 +119,7 @@ def test_mixed_allocation_from_probes_meets_the_uniform_budget_and_moves_dims_be
     mixed = A3Compressor(config).compress(model, calibration_ids=CALIB, progress=False)
     # Never more parameters than the uniform model, short of its count by less than the largest unit
     # (a q/k rotary pair: 2 x hidden x (heads + kv heads)).
-    assert 0 <= units_removed(uniform) - units_removed(mixed) < 2 * 48 * (4 + 2)
+    assert 0 <= decoder_linear_params(uniform) - decoder_linear_params(mixed) < 2 * 48 * (4 + 2)
     cfg = mixed.config
     dims = list(zip(cfg.head_dim_qk, cfg.head_dim_vo, cfg.intermediate_size)) if isinstance(cfg.head_dim_qk, list) \
         else None

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..config import _DIM_FIELDS
 from ..math import solvers
 from ..math.budget import LayerDims
 from ..models.adapters import Geometry
@@ -147,13 +148,12 @@ def measure_sensitivity(probe: SensitivityProbe, adapter, geometry: Geometry, la
                         dims: list[LayerDims], components, config, progress: bool = True) -> dict[tuple[int, str], float]:
     """KL of every (layer, component) compressed alone to its dim in ``dims``; ``layers[idx]`` is the
     original layer (in the probe's model), ``statistics[idx]`` its statistics."""
-    field = {"qk": "head_dim_qk", "ov": "head_dim_vo", "mlp": "intermediate_size"}
     full = {"qk": geometry.head_dim, "ov": geometry.head_dim, "mlp": None}
     result = {}
     jobs = [(idx, c) for idx in range(geometry.num_layers) for c in components]
     for idx, component in tqdm(jobs, desc="A3 sensitivity probes", unit="probe", disable=not progress):
         layer = layers[idx]
-        target = getattr(dims[idx], field[component])
+        target = getattr(dims[idx], _DIM_FIELDS[component])
         whole = full[component] or adapter.linears(layer)["down"].in_features
         if target >= whole:
             result[(idx, component)] = 0.0  # nothing removed at this dim: nothing to measure
