@@ -11,7 +11,7 @@ models (no downloads) in six modes and records the sha256 of every file of every
     modes   paper              method="paper", in memory, saved with A3Compressor.save
             default            method="default" (sequential calibration), in memory
             default-refit      method="default", mlp_refit=True, in memory
-            mixed              allocation="mixed" (implies sequential=False), in memory
+            mixed              method="default", allocation="mixed": measured probes, then a sequential pass
             streamed           method="default", A3Compressor.compress_checkpoint from a save_pretrained dir
             streamed-cache-hit method="paper", compress_checkpoint run twice with the same stats_cache
                                directory; the second run (which reads the cached statistics) is hashed
