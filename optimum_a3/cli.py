@@ -124,12 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--components", default="qk,ov,mlp", help="comma-separated subset of qk,ov,mlp (default all)")
     size.add_argument("--method", choices=["default", "paper", "quality"], default="default",
                       help="'paper' reproduces arXiv 2505.12942 exactly; 'default' adds sequential calibration; "
-                           "'quality' adds the teacher refit to that (README, Beyond the paper)")
+                           "'quality' adds the teacher refit and the measured mixed allocation to that (README, Beyond the paper)")
     size.add_argument("--allocation", choices=["uniform", "mixed"], default=None,
-                      help="same dims in every layer, or per-layer dims under the same budget")
+                      help="same dims in every layer, or per-layer dims under the same budget (default: the method's, "
+                           "mixed for --method quality)")
     size.add_argument("--sensitivity-tokens", type=int, default=None,
                       help="--allocation mixed: calibration tokens on which each layer's components are probed "
-                           "(default 4096; 0: analytical errors alone)")
+                           "(default 1024; 0: analytical errors alone)")
     size.add_argument("--mlp-refit", action=argparse.BooleanOptionalAction, default=None,
                       help="least-squares refit of down_proj after channel selection (beyond the paper; lower perplexity, "
                            "about +0.5x the calibration forward's time; off by default)")
@@ -320,21 +321,23 @@ def run_compress(args) -> dict:
 
 def _use_streaming(args) -> bool:
     """--low-memory: explicit, or automatic for safetensors checkpoints when nothing needs the whole model."""
-    from .config import A3ConfigError
+    from .config import METHODS, A3ConfigError
     from .checkpoint.loading import DEFAULT_MODEL
     from .checkpoint.weights import has_safetensors
 
     local_safetensors = os.path.isdir(args.model) and has_safetensors(args.model)
     streamable = local_safetensors or not (args.model == DEFAULT_MODEL or os.path.exists(args.model))
-    probes_whole_model = args.allocation == "mixed" and args.sensitivity_tokens != 0
+    allocation = args.allocation or METHODS[args.method]["allocation"]
+    probes_whole_model = allocation == "mixed" and args.sensitivity_tokens != 0
     if args.low_memory:
         if not streamable:
             raise A3ConfigError(f"--low-memory needs a safetensors checkpoint (a directory or a Hub id), not {args.model}")
         if args.eval_source:
             raise A3ConfigError("--low-memory never holds the whole model: evaluate afterwards with `optimum-a3 eval`")
         if probes_whole_model:
-            raise A3ConfigError("--low-memory never holds the whole model, which --allocation mixed probes: add "
-                                "--sensitivity-tokens 0 (analytical errors alone) or drop --low-memory")
+            raise A3ConfigError("--low-memory never holds the whole model, which the mixed allocation probes: add "
+                                "--allocation uniform or --sensitivity-tokens 0 (analytical errors alone), "
+                                "or drop --low-memory")
         return True
     if args.low_memory is None and not args.eval_source and not probes_whole_model:
         return local_safetensors  # Hub ids: loaded whole, unless --low-memory asks to stream the shards
@@ -406,7 +409,7 @@ def _run_zero_shot(args) -> dict:
 
 def run_eval(args) -> dict:
     from .checkpoint.loading import load_model_and_tokenizer
-    from .config import A3ConfigError
+    from .config import METHODS, A3ConfigError
     from .integrations.quantization import inference_mode_as_no_grad
 
     if args.tasks is not None:

@@ -10,6 +10,7 @@ from optimum_a3 import A3Compressor, A3Config
 from optimum_a3.math.allocation import Track, mixed_dims, scaled_by_sensitivity
 from optimum_a3.math.budget import LayerDims, decoder_linear_params
 from optimum_a3.models.adapters import adapter_for
+from optimum_a3.pipeline.run import Calibration, _probe_windows
 from optimum_a3.pipeline.sensitivity import SensitivityProbe, padded_component
 from optimum_a3.pipeline.sources import OriginalForward
 from tiny_models import random_token_windows, tiny_llama, tiny_tokenizer
@@ -169,3 +170,12 @@ def test_mixed_allocation_probes_need_the_whole_model_and_the_windows(tmp_path):
     for bad in (-1, 1.5, "8"):
         with pytest.raises(A3ConfigError, match="sensitivity_tokens"):
             A3Config(ratio=0.3, allocation="mixed", sensitivity_tokens=bad)
+
+
+def test_probe_tokens_are_a_prefix_of_the_first_window_or_whole_windows():
+    ids = torch.arange(3 * 16).reshape(3, 16)
+    calibration = Calibration(ids, {})
+    assert torch.equal(_probe_windows(calibration, A3Config(ratio=0.2, sensitivity_tokens=5)), ids[:1, :5])
+    assert torch.equal(_probe_windows(calibration, A3Config(ratio=0.2, sensitivity_tokens=16)), ids[:1])
+    assert torch.equal(_probe_windows(calibration, A3Config(ratio=0.2, sensitivity_tokens=17)), ids[:2])
+    assert torch.equal(_probe_windows(calibration, A3Config(ratio=0.2, sensitivity_tokens=999)), ids)

@@ -34,8 +34,9 @@ def _files(directory) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("options", [{"method": "paper"}, {"method": "default"}, {"mlp_refit": True},
-                                     {"hold_mlp_intermediate": False}, {"method": "quality"}],
-                         ids=["paper", "default", "default-refit", "default-holding-no-intermediate", "quality"])
+                                     {"hold_mlp_intermediate": False}, {"method": "quality", "allocation": "uniform"}],
+                         ids=["paper", "default", "default-refit", "default-holding-no-intermediate",
+                              "quality-uniform"])
 def test_streamed_checkpoint_equals_in_memory_checkpoint(tmp_path, options):
     src = _source(tmp_path)
     config = A3Config(ratio=0.25, nsamples=8, seqlen=32, **options)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from optimum_a3 import A3Compressor, A3Config, A3ConfigError
+from optimum_a3.math.budget import decoder_linear_params
 from optimum_a3.math.solvers import fit_error, refit_to_targets
 from optimum_a3.pipeline import loop
 from reload_helpers import reload_in_fresh_process, save_reference
@@ -133,6 +134,15 @@ def test_quality_is_closer_to_the_original_model_than_the_default_on_calibration
     err = lambda m: (logits(m, CALIB) - ref).pow(2).mean().item()  # noqa: E731
     default, quality = compress(model, ratio=0.4), compress(model, ratio=0.4, method="quality")
     assert err(quality) < 0.9 * err(default)
+
+
+def test_quality_allocates_mixed_dims_within_the_uniform_budget():
+    model = tiny_llama(layers=3)
+    default, quality = compress(model, ratio=0.4), compress(model, ratio=0.4, method="quality")
+    assert quality.config.a3_compression["a3_config"]["allocation"] == "mixed"
+    # Never more parameters than the uniform model, short of its count by less than the largest unit
+    # (a q/k rotary pair: 2 x hidden x (heads + kv heads)).
+    assert 0 <= decoder_linear_params(default) - decoder_linear_params(quality) < 2 * 48 * (4 + 2)
 
 
 def test_holding_no_mlp_intermediate_gives_the_same_model():

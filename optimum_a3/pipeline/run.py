@@ -97,7 +97,8 @@ def run_compression(config: A3Config, model: nn.Module, calibration: Callable[[]
     if cfg.allocation == "mixed" and cfg.sensitivity_tokens:
         if not isinstance(originals, ResidentLayers):
             raise A3ConfigError("allocation='mixed' measures each layer's sensitivity by running the whole model, "
-                                "which layer-streamed compression does not hold: use compress(), or sensitivity_tokens=0")
+                                "which layer-streamed compression does not hold: use compress(), allocation='uniform' or "
+                                "sensitivity_tokens=0")
         if data.ids is None:
             raise A3ConfigError("allocation='mixed' measures sensitivity on calibration windows: pass calibration_ids "
                                 "with the reused statistics, or set sensitivity_tokens=0")
@@ -210,9 +211,12 @@ def _mixed_plan(plan: LayerPlan, model, originals, source: StatisticsSource, cal
 
 
 def _probe_windows(calibration: Calibration, cfg: A3Config) -> torch.Tensor:
-    """The first calibration windows holding ``sensitivity_tokens`` tokens (at least one window)."""
+    """The first ``sensitivity_tokens`` calibration tokens: a prefix of the first window when that holds them,
+    else the first windows that do (rounded up to whole windows)."""
     ids = calibration.ids
-    return ids[:max(1, -(-cfg.sensitivity_tokens // ids.shape[1]))]
+    if cfg.sensitivity_tokens <= ids.shape[1]:
+        return ids[:1, :cfg.sensitivity_tokens]
+    return ids[:-(-cfg.sensitivity_tokens // ids.shape[1])]
 
 
 @contextlib.contextmanager

@@ -35,7 +35,7 @@ _HEAD_CHUNK = 512
 
 
 class SensitivityProbe:
-    """The original model's layer inputs and next-token log-probabilities on the probe tokens, cached once,
+    """The original model's layer inputs and next-token probabilities on the probe tokens, cached once,
     and :meth:`kl` of the model with one layer's weights replaced."""
 
     def __init__(self, model: nn.Module, adapter, input_ids: torch.Tensor, *, batch_size: int, device=None,
@@ -49,13 +49,20 @@ class SensitivityProbe:
             for layer in self.layers:
                 self.inputs.append(batches)
                 batches = [(layer_output(layer, hidden, kwargs), kwargs) for hidden, kwargs in batches]
-            self.reference = [self._log_probs(hidden) for hidden, _ in batches]
+            # Per batch: the original next-token probabilities p and, per token, sum(p log p), so that a probe
+            # needs only sum(p log q) = p . logits - logsumexp(logits) per token.
+            self.reference: list[tuple[torch.Tensor, torch.Tensor]] = []
+            for hidden, _ in batches:
+                log_p = torch.cat([torch.log_softmax(logits, dim=-1) for logits in self._logits(hidden)])
+                probs = log_p.exp()
+                self.reference.append((probs, _row_dot(probs, log_p)))
 
-    def _log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _logits(self, hidden: torch.Tensor):
+        """Float32 logits of ``hidden``'s tokens, ``_HEAD_CHUNK`` tokens at a time (vocab-sized rows)."""
         norm, head = self.adapter.decoder(self.model).norm, self.model.get_output_embeddings()
         flat = hidden.reshape(-1, hidden.shape[-1])
-        return torch.cat([torch.log_softmax(head(norm(flat[i:i + _HEAD_CHUNK])).float(), dim=-1)
-                          for i in range(0, flat.shape[0], _HEAD_CHUNK)])
+        for i in range(0, flat.shape[0], _HEAD_CHUNK):
+            yield head(norm(flat[i:i + _HEAD_CHUNK])).float()
 
     def kl(self, idx: int, replacements: dict[nn.Parameter, torch.Tensor]) -> float:
         """Mean KL(original ‖ probed) per token (all ranks' tokens) with ``replacements`` (parameter -> value,
@@ -67,18 +74,27 @@ class SensitivityProbe:
                 for p, value in replacements.items():
                     p.copy_(value)
             with torch.inference_mode():
-                for (hidden, kwargs), reference in zip(self.inputs[idx], self.reference):
+                for (hidden, kwargs), (probs, p_log_p) in zip(self.inputs[idx], self.reference):
                     for layer in self.layers[idx:]:
                         hidden = layer_output(layer, hidden, kwargs)
-                    probed = self._log_probs(hidden)
-                    total += (reference.exp() * (reference - probed)).sum().to(torch.float64).cpu()
-                    count += reference.shape[0]
+                    start = 0
+                    for logits in self._logits(hidden):
+                        rows = slice(start, start + logits.shape[0])
+                        p_log_q = _row_dot(probs[rows], logits) - torch.logsumexp(logits, dim=-1).to(torch.float64)
+                        total += (p_log_p[rows] - p_log_q).sum().cpu()
+                        start = rows.stop
+                    count += probs.shape[0]
         finally:
             with torch.no_grad():
                 for p, value in saved.items():
                     p.copy_(value)
         self.ranks.all_reduce_([total, count])
         return max(total.item() / count.item(), 0.0)  # float noise can leave a tiny negative at ratio 0
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-row dot products of two (tokens, vocab) matrices, in float64, without a vocab-sized temporary."""
+    return torch.bmm(a[:, None, :], b[:, :, None]).reshape(-1).to(torch.float64)
 
 
 def _scatter_rows(rows: torch.Tensor, full: int, groups: int, index: torch.Tensor) -> torch.Tensor:
