@@ -409,7 +409,7 @@ def _run_zero_shot(args) -> dict:
 
 def run_eval(args) -> dict:
     from .checkpoint.loading import load_model_and_tokenizer
-    from .config import METHODS, A3ConfigError
+    from .config import A3ConfigError
     from .integrations.quantization import inference_mode_as_no_grad
 
     if args.tasks is not None:

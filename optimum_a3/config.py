@@ -47,9 +47,9 @@ class A3Config:
             the output, see ``sensitivity_tokens``, and a greedy spends the budget where it costs least).
             With sequential calibration the layers are then compressed in a second, sequential pass.
         sensitivity_tokens: ``allocation="mixed"`` only. Calibration tokens (a prefix of the first window, or
-            the first windows when one does not hold them) on which the KL divergence of the next-token distribution is measured with each layer's each
-            component compressed alone to its uniform dim (one probe per layer and component, each running
-            the rest of the model from that layer on). ``0``: the analytical errors alone, each component
+            the first windows when one does not hold them) on which the KL divergence of the next-token
+            distribution is measured with each layer's each component compressed alone to its uniform dim
+            (one probe per layer and component, each running the rest of the model from that layer on). ``0``: the analytical errors alone, each component
             normalized by its own total (cheaper, and measured worse than uniform on SmolLM2). Needs the
             whole model in memory (``compress``, not ``compress_checkpoint``). 1024 and 2048 tokens gave the
             same perplexity on SmolLM2 (README, Beyond the paper); the probes' time grows with the tokens.
