@@ -51,8 +51,9 @@ class A3Config:
             distribution is measured with each layer's each component compressed alone to its uniform dim
             (one probe per layer and component, each running the rest of the model from that layer on).
             ``0``: the analytical errors alone, each component normalized by its own total (cheaper, and
-            measured worse than uniform on SmolLM2). Needs the whole model in memory (``compress``, not ``compress_checkpoint``). 1024 and 2048 tokens gave the
-            same perplexity on SmolLM2 (README, Beyond the paper); the probes' time grows with the tokens.
+            measured worse than uniform on SmolLM2). Needs the whole model in memory (``compress``, not
+            ``compress_checkpoint``). 1024 and 2048 tokens gave the same perplexity on SmolLM2 (README,
+            Beyond the paper); the probes' time grows with the tokens.
         mlp_refit: least-squares refit of down_proj after channel selection (method page §6). Lowers the
             perplexity further; accumulating its intermediate-sized statistic adds about half a
             calibration forward's time.
