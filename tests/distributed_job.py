@@ -3,7 +3,8 @@
     python distributed_job.py MODE METHOD SRC OUT [--fail-rank R]
 
 MODE ``streamed`` runs ``compress_checkpoint`` (rank 0 writes OUT); ``memory`` runs ``compress`` on the
-loaded model and rank 0 saves it. ``--fail-rank R`` makes rank R raise while solving its second layer.
+loaded model and rank 0 saves it to OUT, rank r > 0 to OUT.rank<r>. ``--fail-rank R`` makes rank R raise
+while solving layer 1. Each rank prints the layers it solved.
 Calibration: 8 random windows of 32 tokens (seed 1), shared between the ranks.
 """
 
@@ -29,26 +30,27 @@ def main() -> None:
     parser.add_argument("--fail-rank", type=int, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if args.fail_rank == int(os.environ.get("RANK", 0)):
-        solve, calls = loop.solve_mlp, []
+    rank, solve, solved = int(os.environ.get("RANK", 0)), loop.solve_mlp, []
 
-        def failing_solve(*a, **k):
-            calls.append(None)
-            if len(calls) == 2:
-                raise RuntimeError(f"planted failure on rank {args.fail_rank}")
-            return solve(*a, **k)
+    def counted_solve(adapter, layer, *a, **k):  # records which layers this rank solves; may fail on layer 1
+        solved.append(layer.self_attn.layer_idx)
+        if rank == args.fail_rank and solved[-1] == 1:
+            raise RuntimeError(f"planted failure on rank {args.fail_rank}")
+        return solve(adapter, layer, *a, **k)
 
-        loop.solve_mlp = failing_solve
+    loop.solve_mlp = counted_solve
     compressor = A3Compressor(A3Config(ratio=0.25, method=args.method, nsamples=8, seqlen=32))
     ids = random_token_windows(8, 32, seed=1)
     if args.mode == "streamed":
         compressor.compress_checkpoint(args.src, args.out, calibration_ids=ids, progress=False, overwrite=True)
-        return
-    from transformers import AutoModelForCausalLM
+    else:
+        from transformers import AutoModelForCausalLM
 
-    small = compressor.compress(AutoModelForCausalLM.from_pretrained(args.src), calibration_ids=ids, progress=False)
-    if int(os.environ.get("RANK", 0)) == 0:
-        compressor.save(small, args.out, overwrite=True)
+        small = compressor.compress(AutoModelForCausalLM.from_pretrained(args.src), calibration_ids=ids,
+                                    progress=False)
+        # Every rank returns the whole model (layers solved elsewhere are received): each saves its own.
+        compressor.save(small, f"{args.out}.rank{rank}" if rank else args.out, overwrite=True)
+    print(f"rank {rank} solved layers {solved}", flush=True)
 
 
 if __name__ == "__main__":

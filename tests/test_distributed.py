@@ -8,6 +8,7 @@ the output directory as it was and leave no process behind.
 
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -74,12 +75,24 @@ def _hashes(directory: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
 
 
-@pytest.mark.parametrize("mode,method", [("streamed", "paper"), ("streamed", "default"), ("memory", "default")])
+def _solved_layers(stdout: str) -> dict[int, list[int]]:
+    """What each rank of the job printed: ``rank R solved layers [..]``."""
+    found = re.findall(r"rank (\d+) solved layers \[([\d, ]*)\]", stdout)
+    return {int(rank): [int(i) for i in layers.split(",") if i.strip()] for rank, layers in found}
+
+
+@pytest.mark.parametrize("mode,method", [("streamed", "paper"), ("memory", "paper"), ("streamed", "default"),
+                                         ("memory", "default")])
 def test_two_processes_give_the_one_process_checkpoint(source, tmp_path, mode, method):
     one = _one_process(mode, method, source, tmp_path / "one")
     run = _torchrun(mode, method, str(source), str(tmp_path / "two"))
     assert run.returncode == 0, run.stderr[-3000:]
     two = tmp_path / "two"
+    # paper (statistics of the original model): layer-parallel, each rank solves the layers it owns;
+    # default (sequential calibration): every rank solves every layer, its share of the next one needs it.
+    assert _solved_layers(run.stdout) == ({0: [0], 1: [1]} if method == "paper" else {0: [0, 1], 1: [0, 1]})
+    if mode == "memory":  # rank 1 received the layer it did not solve: it returned the very same model
+        assert _hashes(tmp_path / "two.rank1") == _hashes(two)
     a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     assert a.keys() == b.keys()
     for name in a:
@@ -94,24 +107,27 @@ def test_two_processes_give_the_one_process_checkpoint(source, tmp_path, mode, m
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
 
 
-def test_two_process_runs_are_bit_identical(source, tmp_path):
+@pytest.mark.parametrize("method", ["default", "paper"])
+def test_two_process_runs_are_bit_identical(source, tmp_path, method):
     outputs = []
     for name in ("first", "second"):
-        run = _torchrun("streamed", "default", str(source), str(tmp_path / name))
+        run = _torchrun("streamed", method, str(source), str(tmp_path / name))
         assert run.returncode == 0, run.stderr[-3000:]
         outputs.append(_hashes(tmp_path / name))
     assert outputs[0] == outputs[1]
 
 
-@pytest.mark.parametrize("fail_rank", [1])
-def test_a_failing_rank_fails_the_run_and_leaves_the_output_untouched(source, tmp_path, fail_rank):
+# default: both ranks solve layer 1, rank 1 fails there; paper: rank 1 owns layer 1 and fails solving it
+# while rank 0 waits to receive it; default on rank 0: the writer itself fails.
+@pytest.mark.parametrize("method,fail_rank", [("default", 1), ("paper", 1), ("default", 0)])
+def test_a_failing_rank_fails_the_run_and_leaves_the_output_untouched(source, tmp_path, method, fail_rank):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("the previous checkpoint")
-    run = _torchrun("streamed", "default", str(source), str(out), "--fail-rank", str(fail_rank))
+    run = _torchrun("streamed", method, str(source), str(out), "--fail-rank", str(fail_rank))
     assert run.returncode != 0
     assert f"planted failure on rank {fail_rank}" in run.stderr  # the failing rank's own error
-    assert "another rank of this 2-process run failed" in run.stderr  # rank 0 stopped instead of waiting
+    assert "another rank of this 2-process run failed" in run.stderr  # the other rank stopped instead of waiting
     assert sorted(os.listdir(out)) == ["keep.txt"] and (out / "keep.txt").read_text() == "the previous checkpoint"
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no partial checkpoint left beside it
 
@@ -140,3 +156,13 @@ def test_a_distributed_run_refuses_reused_statistics_before_any_collective(tmp_p
     with pytest.raises(A3ConfigError, match="a distributed run computes its statistics"):
         run_compression(A3Config(ratio=0.25, method="paper"), model, calibration, ResidentLayers(model.model.layers),
                         ModelSink, stats_cache=tmp_path / "cache", ranks=Ranks(0, 2))
+
+
+def test_layers_are_owned_round_robin_and_only_when_distributed():
+    from optimum_a3.pipeline.distributed import LayerOwners, Ranks
+
+    owners = LayerOwners(Ranks(1, 3), split=True)
+    assert [owners.owner(i) for i in range(5)] == [0, 1, 2, 0, 1]
+    assert [i for i in range(5) if owners.solves(i)] == [1, 4]
+    for every_rank in (LayerOwners(Ranks(1, 3)), LayerOwners(Ranks(), split=True)):  # not split: all layers
+        assert every_rank.owner(3) is None and all(every_rank.solves(i) for i in range(5))

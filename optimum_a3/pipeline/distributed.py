@@ -3,7 +3,10 @@
 Under ``torchrun`` (one node or many; ``accelerate launch`` drives it too) every process, a *rank*,
 runs the same pipeline on its own share of the calibration windows. A layer's statistics are float64
 sums over tokens, so each rank sums over its windows and the ranks all-reduce (SUM) the partial sums:
-every rank then holds the statistics of all windows and solves the layer identically. Only rank 0
+every rank then holds the statistics of all windows and solves the layer identically. Where a layer's
+statistics do not depend on the compressed layers before it (``sequential=False``, e.g. ``method="paper"``)
+the layers are solved in parallel instead (:class:`LayerOwners`): layer ``l`` is reduced to and solved
+by rank ``l % world_size`` alone, which sends the solved layer to the ranks that keep it. Only rank 0
 writes the checkpoint. A rank that fails tells the others at their next synchronisation (a one-element
 all-reduce before each statistics reduction), so that every rank stops with an error instead of
 waiting for it; collectives also time out (``A3_DIST_TIMEOUT_S``, default 1800 s).
@@ -19,6 +22,7 @@ import os
 from collections.abc import Iterator
 
 import torch
+from torch import nn
 
 from ..errors import A3Error
 
@@ -62,6 +66,15 @@ class Ranks:
         for tensor in tensors:
             torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
 
+    def reduce_(self, tensors: list[torch.Tensor], owner: int) -> None:
+        """Sum ``tensors`` over the ranks into rank ``owner``'s, in place (after a check that no rank has
+        failed); the other ranks' tensors are left undefined."""
+        if not self.distributed:
+            return
+        self.check_ok()
+        for tensor in tensors:
+            torch.distributed.reduce(tensor, dst=owner, op=torch.distributed.ReduceOp.SUM)
+
     def check_ok(self) -> None:
         """A synchronisation point: raises :class:`DistributedRunError` if any rank reports a failure."""
         if self.distributed and self._flag_sum(0.0) > 0:
@@ -90,6 +103,58 @@ class Ranks:
     def _collective_device(self) -> torch.device:
         backend = torch.distributed.get_backend()
         return torch.device("cuda", self.local_rank) if backend == "nccl" else torch.device("cpu")
+
+
+class LayerOwners:
+    """Who solves which layer. By default every rank solves every layer (sequential calibration needs the
+    compressed layer on every rank: its output feeds the rank's share of the next layer's statistics).
+
+    ``split=True`` (statistics of the original model, ``sequential=False``) is layer-parallel solving: layer
+    ``idx`` belongs to rank ``idx % world_size``, which alone receives the reduced statistics (a reduce
+    instead of an all-reduce) and solves it, then sends the solved layer to the ranks that keep it: every
+    rank when ``to_all`` (``compress`` returns the model on each), else rank 0, which writes the checkpoint.
+    Rank 0 keeps writing every shard, so the files are laid out as in one process and no filesystem needs
+    to be shared between machines."""
+
+    def __init__(self, ranks: Ranks, split: bool = False, to_all: bool = False):
+        self.ranks, self.split, self.to_all = ranks, split and ranks.distributed, to_all
+
+    def owner(self, idx: int) -> int | None:
+        """The rank that solves layer ``idx``; ``None`` when every rank solves it."""
+        return idx % self.ranks.world_size if self.split else None
+
+    def solves(self, idx: int) -> bool:
+        return not self.split or self.owner(idx) == self.ranks.rank
+
+    def share(self, idx: int, layer: nn.Module) -> None:
+        """After layer ``idx`` is solved on its owner: send it to the ranks that keep it, which receive it into
+        ``layer`` (allocated if it is still on the meta device). Called on every rank."""
+        if not self.split:
+            return
+        ranks, owner = self.ranks, self.owner(idx)
+        ranks.check_ok()  # an owner that failed while solving stops every rank here
+        device = ranks._collective_device()
+        if ranks.rank == owner:
+            for tensor in layer.state_dict().values():
+                tensor = tensor.detach().to(device).contiguous()
+                if self.to_all:
+                    torch.distributed.broadcast(tensor, src=owner)
+                elif owner != 0:
+                    torch.distributed.send(tensor, dst=0)
+            return
+        if not self.to_all and ranks.rank != 0:
+            return
+        received = {}
+        for name, shape in layer.state_dict().items():
+            tensor = torch.empty(shape.shape, dtype=shape.dtype, device=device)
+            if self.to_all:
+                torch.distributed.broadcast(tensor, src=owner)
+            else:
+                torch.distributed.recv(tensor, src=owner)
+            received[name] = tensor
+        if any(p.is_meta for p in layer.parameters()):
+            layer.to_empty(device=device)
+        layer.load_state_dict(received, strict=True)
 
 
 def current_ranks(device: str | None = None) -> Ranks:

@@ -3,7 +3,8 @@
 For every layer, in order: load it -> attention statistics -> solve attention -> (sequential calibration:
 put the solved attention in place, its output feeds the MLP statistics; teacher refit: refit o_proj) -> MLP
 statistics -> solve the MLP -> fill the compressed layer (teacher refit: refit down_proj) -> next layer's
-inputs -> hand the layer to the sink -> release the original.
+inputs -> hand the layer to the sink -> release the original. Under layer-parallel solving
+(:class:`~optimum_a3.pipeline.distributed.LayerOwners`) a rank solves only the layers it owns and receives the others.
 Where statistics come from is a source (:mod:`.sources`); where finished layers go, a sink (:mod:`.sinks`).
 """
 
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 from ..config import A3Config
 from ..math.budget import LayerDims
 from ..models.adapters import Geometry
+from .distributed import LayerOwners, Ranks
 from .layer_solver import mlp_kept_channels, refit_to_teacher, solve_attention, solve_mlp
 from .sinks import ModelSink, ShardSink
 from .sources import StatisticsSource
@@ -59,15 +61,25 @@ class LoopReport:
 
 
 def compress_layers(plan: LayerPlan, originals, compressed: nn.Module, source: StatisticsSource,
-                    sink: ModelSink | ShardSink, progress: bool = True, keep_statistics: bool = False) -> LoopReport:
-    """Compress every decoder layer of ``originals`` into ``compressed``'s layers (see the module docstring)."""
+                    sink: ModelSink | ShardSink, progress: bool = True, keep_statistics: bool = False,
+                    owners: LayerOwners | None = None) -> LoopReport:
+    """Compress every decoder layer of ``originals`` into ``compressed``'s layers (see the module docstring).
+    ``owners``: under layer-parallel solving, a layer this rank does not own is received from its owner."""
     adapter, cfg, report = plan.adapter, plan.config, LoopReport()
+    owners = owners or LayerOwners(Ranks())
     targets, prefix = adapter.layers(compressed), layers_prefix(compressed)
     # Closed on errors too, so that a one-line error is not printed onto the bar's line.
     with tqdm(total=plan.geometry.num_layers, desc="A3 compression", unit="layer", disable=not progress) as bar:
         for idx, target in enumerate(targets):
             layer, dims = originals.get(idx), plan.dims[idx]
             stats = source.attention(idx, layer)
+            if not owners.solves(idx):  # another rank solves it (statistics of the original model only)
+                owners.share(idx, target)
+                source.advance(idx, layer, target, None)
+                sink.add(f"{prefix}{idx}.", target)
+                originals.release(idx)
+                bar.update()
+                continue
             start = time.perf_counter()
             attention = solve_attention(adapter, layer, _on_solver(stats, cfg), plan.geometry, dims, cfg)
             if source.runs_compressed_attention:
@@ -94,6 +106,7 @@ def compress_layers(plan: LayerPlan, originals, compressed: nn.Module, source: S
                 fill_layer(target, layer_state(layer, {**attention, **mlp}), strict=True)
                 report.solve_s += time.perf_counter() - start
 
+            owners.share(idx, target)
             source.advance(idx, layer, target, kept)
             sink.add(f"{prefix}{idx}.", target)
             originals.release(idx)

@@ -26,7 +26,7 @@ from ..math.allocation import layer_tracks, mixed_dims, scaled_by_sensitivity
 from ..math.budget import LayerDims, decoder_linear_params, kv_cache_bytes_per_token, total_params
 from ..models.adapters import adapter_for
 from ..version import __version__
-from .distributed import Ranks
+from .distributed import LayerOwners, Ranks
 from .loop import LayerPlan, ResidentLayers, compress_layers
 from .sensitivity import SensitivityProbe, measure_sensitivity
 from .sinks import ModelSink, ShardSink
@@ -118,8 +118,12 @@ def _attempt(plan: LayerPlan, model, calibration: Calibration, originals, make_s
     # The mixed allocation needs every layer's statistics before any dim: a first pass on the original
     # model (from the cache or handed in where they are); a sequential run then calibrates again.
     first_plan = _original_statistics_plan(plan) if mixed else plan
-    source, cache_hit = _source(first_plan, model, calibration, statistics, stats_cache, reuse_cache, ranks)
     sink = make_sink()
+    # Layer-parallel solving where no layer's statistics depend on the compressed layers before it (the
+    # mixed allocation's first pass still all-reduces: every rank allocates from every layer's statistics).
+    owners = LayerOwners(ranks, split=not plan.config.sequential and not keep_statistics, to_all=sink.on_every_rank)
+    source, cache_hit = _source(first_plan, model, calibration, statistics, stats_cache, reuse_cache, ranks,
+                                owners=None if mixed else owners)
     completed = False
     try:
         with _eval_mode(model):
@@ -129,7 +133,7 @@ def _attempt(plan: LayerPlan, model, calibration: Calibration, originals, make_s
                     else stored
             record = _record(model, plan.dims, calibration.record, plan.config)
             compressed = empty_compressed_model(plan.adapter, model, plan.dims, record, materialize=sink.materialize)
-            report = compress_layers(plan, originals, compressed, source, sink, progress, keep_statistics)
+            report = compress_layers(plan, originals, compressed, source, sink, progress, keep_statistics, owners)
         completed = True
     finally:
         source.close(completed)
@@ -149,9 +153,10 @@ def _attempt(plan: LayerPlan, model, calibration: Calibration, originals, make_s
 
 
 def _source(plan: LayerPlan, model, calibration: Calibration, statistics, stats_cache, reuse_cache: bool,
-            ranks: Ranks) -> tuple[StatisticsSource, bool]:
+            ranks: Ranks, owners: LayerOwners | None = None) -> tuple[StatisticsSource, bool]:
     """Where the statistics come from: handed in, a cache entry, or a calibration forward (recorded to the
-    cache when there is one); returns the source and whether it is a cache hit."""
+    cache when there is one); returns the source and whether it is a cache hit. ``owners``: layer-parallel
+    solving, each layer's statistics reduced to its owner (a forward of the original model only)."""
     if statistics is not None:
         return StoredStatistics(statistics), False
     cfg, geometry = plan.config, plan.geometry
@@ -163,7 +168,8 @@ def _source(plan: LayerPlan, model, calibration: Calibration, statistics, stats_
         if reuse_cache and cache.covers(geometry.num_layers, want_head, cfg.mlp_refit):
             return CachedStatistics(cache), True
     forward = SequentialForward if cfg.sequential else OriginalForward
-    options = {"hold_mlp_intermediate": cfg.hold_mlp_intermediate, "teacher": cfg.teacher_refit} if cfg.sequential else {}
+    options = {"hold_mlp_intermediate": cfg.hold_mlp_intermediate, "teacher": cfg.teacher_refit} if cfg.sequential \
+        else {"owners": owners}
     with _eval_mode(model):
         source = forward(model, plan.adapter, geometry, ranks.share(calibration.ids), batch_size=cfg.batch_size,
                          want_head_autocorr=want_head, want_down_autocorr=cfg.mlp_refit, device=cfg.device,

@@ -18,6 +18,7 @@ class ModelSink:
     """The compressed model is built whole in memory."""
 
     materialize = True  # the compressed skeleton is allocated up front
+    on_every_rank = True  # distributed: every rank returns the model, so every rank keeps every layer
 
     def add(self, prefix: str, layer: nn.Module) -> None:
         pass
@@ -34,6 +35,7 @@ class ShardSink:
     layers are read from the original checkpoint (``weights``) at the end."""
 
     materialize = False  # layers are allocated one at a time, as they are filled
+    on_every_rank = False  # distributed: rank 0 alone writes the checkpoint
 
     def __init__(self, shards: ShardWriter, weights: CheckpointWeights):
         self.shards, self.weights = shards, weights
@@ -50,12 +52,13 @@ class ShardSink:
         self.shards.discard()
 
 
-
 class DiscardSink:
-    """A rank other than 0 in a distributed streamed run: it computes every layer as rank 0 does (its
-    outputs feed its share of the sequential calibration) and frees it; rank 0 writes the checkpoint."""
+    """A rank other than 0 in a distributed streamed run: it computes every layer it solves (every layer
+    under sequential calibration: its outputs feed the rank's share of the statistics) and frees it; rank 0
+    writes the checkpoint."""
 
     materialize = False
+    on_every_rank = False
 
     def add(self, prefix: str, layer: nn.Module) -> None:
         layer.to("meta")

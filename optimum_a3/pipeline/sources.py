@@ -23,7 +23,7 @@ from torch import nn
 
 from ..checkpoint.stats_cache import LayerDigestChain, StatisticsCache
 from ..models.adapters import Geometry
-from .distributed import Ranks
+from .distributed import LayerOwners, Ranks
 from .forward import LayerInput, capture_first_layer_inputs, input_of, layer_output, run_until_stopped, stop
 from .statistics import LayerStatistics, OutputFit, OutputFitCollector, StatisticsCollector
 
@@ -100,10 +100,13 @@ class OriginalForward(StatisticsSource):
     once, each layer runs on them with the collector's hooks, and its outputs are the next layer's inputs."""
 
     def __init__(self, model: nn.Module, adapter, geometry: Geometry, input_ids: torch.Tensor, *, batch_size: int,
-                 want_head_autocorr: bool, want_down_autocorr: bool, device=None, ranks: Ranks | None = None):
+                 want_head_autocorr: bool, want_down_autocorr: bool, device=None, ranks: Ranks | None = None,
+                 owners: LayerOwners | None = None):
         """``ranks``: the processes sharing the calibration windows (each passes its own share as
-        ``input_ids``); their partial sums are all-reduced, so every rank gets the same statistics."""
+        ``input_ids``); their partial sums are all-reduced, so every rank gets the same statistics. With
+        layer-parallel ``owners`` they are reduced to the layer's owner only, and the other ranks get ``None``."""
         self.adapter, self.geometry, self.ranks = adapter, geometry, ranks or Ranks()
+        self.owners = owners or LayerOwners(self.ranks)
         self.want_head_autocorr, self.want_down_autocorr = want_head_autocorr, want_down_autocorr
         device = torch.device(device) if device is not None else model.get_input_embeddings().weight.device
         with torch.inference_mode():
@@ -116,17 +119,20 @@ class OriginalForward(StatisticsSource):
                                    self.want_down_autocorr)
 
     def _ready(self, idx: int, collector: StatisticsCollector, parts: tuple[str, ...],
-               result: Callable[[], LayerStatistics]) -> LayerStatistics:
+               result: Callable[[], LayerStatistics]) -> LayerStatistics | None:
         """The collector's ``result`` once its ``parts`` are summed over the ranks (its hooks ran in inference
         mode, so this runs there too), as normal tensors: the solvers run outside inference mode, as on
-        statistics read from the cache."""
+        statistics read from the cache. ``None`` on a rank that does not solve layer ``idx``."""
+        owner = self.owners.owner(idx)
         with torch.inference_mode():
             for part in parts:
-                collector.all_reduce_(self.ranks, part)
+                collector.all_reduce_(self.ranks, part, owner)
             if "attention" in parts and self.ranks.distributed:
                 residual = torch.tensor([self._residual_sq], dtype=torch.float64)
                 self.ranks.all_reduce_([residual])
                 self._residual_sq = residual.item()
+            if not self.owners.solves(idx):
+                return None
             stats = result()
         stats = LayerStatistics(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in vars(stats).items()})
         stats.residual_sq_mean = self._residual_sq / stats.num_tokens

@@ -92,17 +92,20 @@ class StatisticsCollector:
         if self.want_down_autocorr:
             add_gram_upper_(self.r_d, x)
 
-    def all_reduce_(self, ranks, part: str) -> None:
+    def all_reduce_(self, ranks, part: str, owner: int | None = None) -> None:
         """Sum the partial sums of every rank (:class:`~optimum_a3.pipeline.distributed.Ranks`), in place:
-        ``part`` "attention" (R_x, the input sum, G_z and the token count) or "mlp" (down_proj's input)."""
+        ``part`` "attention" (R_x, the input sum, G_z and the token count) or "mlp" (down_proj's input).
+        With ``owner`` only that rank receives the sums (layer-parallel solving); the others' are undefined."""
         if not ranks.distributed:
             return
         if part == "attention":
             tokens = self.r_x.new_tensor([float(self.tokens)])
-            ranks.all_reduce_([self.r_x, self.s_x, tokens] + ([self.g_z] if self.want_head_autocorr else []))
-            self.tokens = int(tokens.item())
+            tensors = [self.r_x, self.s_x, tokens] + ([self.g_z] if self.want_head_autocorr else [])
         else:
-            ranks.all_reduce_([self.m_d] + ([self.r_d] if self.want_down_autocorr else []))
+            tensors = [self.m_d] + ([self.r_d] if self.want_down_autocorr else [])
+        ranks.all_reduce_(tensors) if owner is None else ranks.reduce_(tensors, owner)
+        if part == "attention":
+            self.tokens = int(tokens.item())
 
     def attention_result(self) -> LayerStatistics:
         """The attention statistics (``complete`` False)."""
