@@ -54,6 +54,10 @@ class A3Config:
             measured worse than uniform on SmolLM2). Needs the whole model in memory (``compress``, not
             ``compress_checkpoint``). 1024 and 2048 tokens gave the same perplexity on SmolLM2 (README,
             Beyond the paper); the probes' time grows with the tokens.
+        cap_kv_dims: ``allocation="mixed"`` only. Keep every layer's q/k and v/o head dims at most the
+            uniform ones, so the KV cache is at most the uniform model's (the parameters still move between
+            layers and into the MLPs). Off by default: on SmolLM2 at 20% the uncapped mixed allocation grows
+            attention (KV cache 0.98x dense) and capping it cost perplexity (README, Beyond the paper).
         mlp_refit: least-squares refit of down_proj after channel selection (method page §6). Lowers the
             perplexity further; accumulating its intermediate-sized statistic adds about half a
             calibration forward's time.
@@ -106,6 +110,7 @@ class A3Config:
     teacher_refit: bool | None = None
     teacher_damping: float = 1.0
     sensitivity_tokens: int = 1024
+    cap_kv_dims: bool = False
 
     def __post_init__(self):
         self._coerce_types()
@@ -135,8 +140,9 @@ class A3Config:
         for name in ("nsamples", "seqlen", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise A3ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not isinstance(self.hold_mlp_intermediate, bool):
-            raise A3ConfigError(f"hold_mlp_intermediate must be True or False, got {self.hold_mlp_intermediate!r}")
+        for name in ("hold_mlp_intermediate", "cap_kv_dims"):
+            if not isinstance(getattr(self, name), bool):
+                raise A3ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.sensitivity_tokens < 0:
             raise A3ConfigError(f"sensitivity_tokens must be >= 0, got {self.sensitivity_tokens}")
         if self.allocation == "mixed" and (self.ratio is None or any(
@@ -220,7 +226,7 @@ class A3Config:
 _DIM_FIELDS = {"qk": "head_dim_qk", "ov": "head_dim_vo", "mlp": "intermediate_size"}
 _FLOAT_FIELDS = ("ratio", "eig_floor", "refit_damping", "teacher_damping")
 _INT_FIELDS = ("nsamples", "seqlen", "batch_size", "seed", "sensitivity_tokens")
-_BOOL_FIELDS = ("mlp_refit", "sequential", "hold_mlp_intermediate", "teacher_refit")  # None (the method's value) is left as is
+_BOOL_FIELDS = ("mlp_refit", "sequential", "hold_mlp_intermediate", "teacher_refit", "cap_kv_dims")  # None (the method's value) is left as is
 
 # Presets: "paper" reproduces arXiv 2505.12942; "default" is the best measured within the time budget.
 METHODS = {

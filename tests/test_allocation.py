@@ -37,6 +37,22 @@ def test_identical_layers_get_uniform_dims_and_the_budget_is_met():
     assert 0 <= removed(dims) - removed(uniform) < 576              # overshoot below one unit
 
 
+def test_capped_components_never_grow_past_uniform_and_the_budget_is_met():
+    # Layer 0's v/o dims are dear: uncapped they take parameters from the MLPs and grow past uniform (a
+    # larger KV cache); capped they stay at most uniform and the same budget is removed elsewhere.
+    tracks = identical_tracks(3)
+    tracks = [Track(t.layer, t.component, t.full, t.step, t.params_per_unit, t.marginal * 1e3)
+              if (t.layer, t.component) == (0, "ov") else t for t in tracks]
+    uniform = [LayerDims(12, 12, 72)] * 3
+    removed = lambda ds: sum((16 - d.head_dim_vo) * 288 + (96 - d.intermediate_size) * 144 for d in ds)  # noqa: E731
+    free, capped = mixed_dims(tracks, uniform), mixed_dims(tracks, uniform, capped=("qk", "ov"))
+    assert free[0].head_dim_vo > 12                                   # what the cap is for
+    assert all(d.head_dim_vo <= 12 and d.head_dim_qk <= 12 for d in capped)
+    assert capped[0].head_dim_vo == 12                                # dear: shrunk no further than uniform
+    for dims in (free, capped):
+        assert 0 <= removed(dims) - removed(uniform) < 288            # the uniform budget, overshoot < one unit
+
+
 def test_greedy_prefers_cheap_units_and_meets_budget():
     cheap = Track(0, "mlp", 10, 1, 3, torch.linspace(0.0, 0.1, 9, dtype=torch.float64))
     dear = Track(1, "mlp", 10, 1, 3, torch.linspace(1.0, 2.0, 9, dtype=torch.float64))

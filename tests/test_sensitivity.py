@@ -8,7 +8,7 @@ import torch
 
 from optimum_a3 import A3Compressor, A3Config
 from optimum_a3.math.allocation import Track, mixed_dims, scaled_by_sensitivity
-from optimum_a3.math.budget import LayerDims, decoder_linear_params
+from optimum_a3.math.budget import LayerDims, decoder_linear_params, kv_cache_bytes_per_token
 from optimum_a3.models.adapters import adapter_for
 from optimum_a3.pipeline.run import Calibration, _probe_windows
 from optimum_a3.pipeline.sensitivity import SensitivityProbe, padded_component
@@ -130,6 +130,20 @@ def test_mixed_allocation_from_probes_meets_the_uniform_budget_and_moves_dims_be
     analytical = A3Compressor(A3Config(ratio=0.3, allocation="mixed", sequential=False, sensitivity_tokens=0)).compress(
         model, calibration_ids=CALIB, progress=False)
     assert analytical.config.head_dim_qk != cfg.head_dim_qk or analytical.config.intermediate_size != cfg.intermediate_size
+
+
+def test_capped_kv_dims_keep_the_kv_cache_within_the_uniform_models():
+    model = tiny_llama(layers=3).eval()
+    uniform = A3Compressor(A3Config(ratio=0.3, method="paper")).compress(model, calibration_ids=CALIB, progress=False)
+    config = A3Config(ratio=0.3, allocation="mixed", sequential=False, sensitivity_tokens=40, cap_kv_dims=True)
+    capped = A3Compressor(config).compress(model, calibration_ids=CALIB, progress=False)
+    dims = capped.config.a3_compression["dims"]
+    limit = uniform.config.a3_compression["dims"]
+    for name in ("head_dim_qk", "head_dim_vo"):
+        assert all(d <= u for d, u in zip(dims[name], limit[name])), (name, dims[name], limit[name])
+    assert kv_cache_bytes_per_token(capped) <= kv_cache_bytes_per_token(uniform)
+    assert 0 <= decoder_linear_params(uniform) - decoder_linear_params(capped) < 2 * 48 * (4 + 2)
+    assert capped.config.a3_compression["a3_config"]["cap_kv_dims"] is True
 
 
 def test_sequential_calibration_after_a_mixed_allocation():

@@ -86,16 +86,30 @@ def _removed_params(tracks: list[Track], dims: dict[tuple[int, str], int]) -> in
     return sum((t.full - dims[(t.layer, t.component)]) // t.step * t.params_per_unit for t in tracks)
 
 
-def mixed_dims(tracks: list[Track], uniform: list[LayerDims], pools=(("qk",), ("ov", "mlp"))) -> list[LayerDims]:
-    """Per-layer dims with the uniform allocation's parameter count, redistributed by error."""
+def mixed_dims(tracks: list[Track], uniform: list[LayerDims], pools=(("qk",), ("ov", "mlp")),
+               capped: tuple[str, ...] = ()) -> list[LayerDims]:
+    """Per-layer dims with the uniform allocation's parameter count, redistributed by error.
+
+    ``capped`` components never grow past their uniform dims (e.g. ``("qk", "ov")``: the key/value widths,
+    so the KV cache is at most the uniform model's): their tracks start at the uniform dims, and the
+    parameters the uniform allocation removes from them count as removed already."""
     field = {"qk": "head_dim_qk", "ov": "head_dim_vo", "mlp": "intermediate_size"}
     uniform_dims = {(t.layer, t.component): getattr(uniform[t.layer], field[t.component]) for t in tracks}
     result = {(i, c): getattr(u, field[c]) for i, u in enumerate(uniform) for c in field}
     for pool in pools:
         pool_tracks = [t for t in tracks if t.component in pool]
         budget = _removed_params(pool_tracks, uniform_dims)
-        result.update(greedy_allocate(pool_tracks, budget))
+        starts = [_started_at(t, uniform_dims[(t.layer, t.component)]) if t.component in capped else t
+                  for t in pool_tracks]
+        budget -= _removed_params(pool_tracks, {(t.layer, t.component): t.full for t in starts})
+        result.update(greedy_allocate(starts, budget))
     return [LayerDims(result[(i, "qk")], result[(i, "ov")], result[(i, "mlp")]) for i in range(len(uniform))]
+
+
+def _started_at(track: Track, dim: int) -> Track:
+    """``track`` with its units down to ``dim`` removed already: it can shrink further, never grow back."""
+    units = (track.full - dim) // track.step
+    return Track(track.layer, track.component, dim, track.step, track.params_per_unit, track.marginal[units:])
 
 
 def scaled_by_sensitivity(tracks: list[Track], probe_dims: dict[tuple[int, str], int],

@@ -213,7 +213,9 @@ def _mixed_plan(plan: LayerPlan, model, originals, source: StatisticsSource, cal
         del probe
         probe_dims = {(t.layer, t.component): getattr(plan.dims[t.layer], _DIM_FIELDS[t.component]) for t in tracks}
         tracks, pools = scaled_by_sensitivity(tracks, probe_dims, kl), (tuple(cfg.components),)  # all in KL units
-    return StoredStatistics(statistics), dataclasses.replace(plan, dims=mixed_dims(tracks, plan.dims, pools=pools))
+    capped = ("qk", "ov") if cfg.cap_kv_dims else ()  # the key/value widths: the KV cache
+    return StoredStatistics(statistics), dataclasses.replace(plan, dims=mixed_dims(tracks, plan.dims, pools=pools,
+                                                                                   capped=capped))
 
 
 def _probe_windows(calibration: Calibration, cfg: A3Config) -> torch.Tensor:
