@@ -281,7 +281,7 @@ def run_compress(args) -> dict:
         user = check_hub_access(args.push_to_hub, token=args.token)  # a bad token fails now, not after compressing
         _log(f"Hub token accepted (user {user}); will push to {args.push_to_hub}")
     summary = {"model": args.model, "output": args.output}
-    if _use_streaming(args):
+    if _use_streaming(args, config):
         compressor = A3Compressor(config)
         start = time.perf_counter()
         compressor.compress_checkpoint(args.model, args.output, overwrite=args.overwrite,
@@ -322,16 +322,16 @@ def run_compress(args) -> dict:
     return summary
 
 
-def _use_streaming(args) -> bool:
-    """--low-memory: explicit, or automatic for safetensors checkpoints when nothing needs the whole model."""
-    from .config import METHODS, A3ConfigError
+def _use_streaming(args, config) -> bool:
+    """--low-memory: explicit, or automatic for safetensors checkpoints when nothing needs the whole model
+    (``config``: the run's :class:`~optimum_a3.A3Config`, its method's options resolved)."""
+    from .config import A3ConfigError
     from .checkpoint.loading import DEFAULT_MODEL
     from .checkpoint.weights import has_safetensors
 
     local_safetensors = os.path.isdir(args.model) and has_safetensors(args.model)
     streamable = local_safetensors or not (args.model == DEFAULT_MODEL or os.path.exists(args.model))
-    allocation = args.allocation or METHODS[args.method]["allocation"]
-    probes_whole_model = allocation == "mixed" and args.sensitivity_tokens != 0
+    probes_whole_model = config.allocation == "mixed" and config.sensitivity_tokens != 0
     if args.low_memory:
         if not streamable:
             raise A3ConfigError(f"--low-memory needs a safetensors checkpoint (a directory or a Hub id), not {args.model}")

@@ -142,6 +142,18 @@ def test_low_memory_sequential_compress_without_holding_the_mlp_intermediate(bas
     assert record["sequential"] is True and record["a3_config"]["hold_mlp_intermediate"] is False
 
 
+def test_mixed_allocation_with_capped_kv_dims(base_dir, tmp_path, capsys):
+    out = tmp_path / "capped"
+    code, _, err = run(capsys, ["compress", str(base_dir / "base"), "--ratio", "0.25", "-o", str(out),
+                                "--dataset", str(base_dir / "text.txt"), "--nsamples", "4", "--seqlen", "32",
+                                "--allocation", "mixed", "--cap-kv-dims",
+                                "--sensitivity-tokens", "32"])
+    assert code == 0, err
+    record = json.loads((out / "config.json").read_text())["a3_compression"]
+    assert record["allocation"] == "mixed" and record["a3_config"]["cap_kv_dims"] is True
+    assert max(record["dims"]["head_dim_qk"]) <= 12 and max(record["dims"]["head_dim_vo"]) <= 12  # uniform: 12
+
+
 def test_quantize_saves_a_reloadable_4bit_checkpoint(compressed_dir, base_dir, tmp_path, capsys):
     from optimum_a3.integrations.quantization import load_quantized, quantized_backend
 
