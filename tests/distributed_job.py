@@ -4,8 +4,9 @@
 
 MODE ``streamed`` runs ``compress_checkpoint`` (rank 0 writes OUT); ``memory`` runs ``compress`` on the
 loaded model and rank 0 saves it to OUT, rank r > 0 to OUT.rank<r>. ``--fail-rank R`` makes rank R raise
-while solving layer 1. Each rank prints the layers it solved.
-Calibration: 8 random windows of 32 tokens (seed 1), shared between the ranks.
+while solving layer 1. Each rank prints the layers it solved and how many sensitivity probes it ran.
+Calibration: 8 random windows of 32 tokens (seed 1), shared between the ranks; the mixed allocation
+(``quality``) probes a 16-token prefix of the first window.
 """
 
 import argparse
@@ -18,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_models import random_token_windows  # noqa: E402
 
 import optimum_a3.pipeline.loop as loop  # noqa: E402
+import optimum_a3.pipeline.sensitivity as sensitivity  # noqa: E402
 from optimum_a3 import A3Compressor, A3Config  # noqa: E402
 
 
@@ -39,7 +41,14 @@ def main() -> None:
         return solve(adapter, layer, *a, **k)
 
     loop.solve_mlp = counted_solve
-    compressor = A3Compressor(A3Config(ratio=0.25, method=args.method, nsamples=8, seqlen=32))
+    probe_kl, probes = sensitivity.SensitivityProbe.kl, []
+
+    def counted_probe(self, *a, **k):  # how many sensitivity probes this rank runs
+        probes.append(None)
+        return probe_kl(self, *a, **k)
+
+    sensitivity.SensitivityProbe.kl = counted_probe
+    compressor = A3Compressor(A3Config(ratio=0.25, method=args.method, nsamples=8, seqlen=32, sensitivity_tokens=16))
     ids = random_token_windows(8, 32, seed=1)
     if args.mode == "streamed":
         compressor.compress_checkpoint(args.src, args.out, calibration_ids=ids, progress=False, overwrite=True)
@@ -51,6 +60,7 @@ def main() -> None:
         # Every rank returns the whole model (layers solved elsewhere are received): each saves its own.
         compressor.save(small, f"{args.out}.rank{rank}" if rank else args.out, overwrite=True)
     print(f"rank {rank} solved layers {solved}", flush=True)
+    print(f"rank {rank} ran {len(probes)} probes", flush=True)
 
 
 if __name__ == "__main__":

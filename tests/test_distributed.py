@@ -63,7 +63,7 @@ def source(tmp_path_factory) -> Path:
 
 def _one_process(mode: str, method: str, src: Path, out: Path) -> Path:
     torch.set_num_threads(1)
-    compressor = A3Compressor(A3Config(ratio=0.25, method=method, nsamples=8, seqlen=32))
+    compressor = A3Compressor(A3Config(ratio=0.25, method=method, nsamples=8, seqlen=32, sensitivity_tokens=16))
     ids = random_token_windows(8, 32, seed=1)
     if mode == "streamed":
         return Path(compressor.compress_checkpoint(src, out, calibration_ids=ids, progress=False))
@@ -81,8 +81,10 @@ def _solved_layers(stdout: str) -> dict[int, list[int]]:
     return {int(rank): [int(i) for i in layers.split(",") if i.strip()] for rank, layers in found}
 
 
+# quality: sequential, teacher refit and the mixed allocation, whose probes (one 16-token window, which
+# cannot be split) are shared between the ranks instead of the windows.
 @pytest.mark.parametrize("mode,method", [("streamed", "paper"), ("memory", "paper"), ("streamed", "default"),
-                                         ("memory", "default")])
+                                         ("memory", "default"), ("memory", "quality")])
 def test_two_processes_give_the_one_process_checkpoint(source, tmp_path, mode, method):
     one = _one_process(mode, method, source, tmp_path / "one")
     run = _torchrun(mode, method, str(source), str(tmp_path / "two"))
@@ -91,6 +93,8 @@ def test_two_processes_give_the_one_process_checkpoint(source, tmp_path, mode, m
     # paper (statistics of the original model): layer-parallel, each rank solves the layers it owns;
     # default (sequential calibration): every rank solves every layer, its share of the next one needs it.
     assert _solved_layers(run.stdout) == ({0: [0], 1: [1]} if method == "paper" else {0: [0, 1], 1: [0, 1]})
+    probes = {int(r): int(n) for r, n in re.findall(r"rank (\d+) ran (\d+) probes", run.stdout)}
+    assert probes == ({0: 3, 1: 3} if method == "quality" else {0: 0, 1: 0})  # 2 layers x 3 components, shared
     if mode == "memory":  # rank 1 received the layer it did not solve: it returned the very same model
         assert _hashes(tmp_path / "two.rank1") == _hashes(two)
     a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")

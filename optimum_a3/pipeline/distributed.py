@@ -64,7 +64,7 @@ class Ranks:
             return
         self.check_ok()
         for tensor in tensors:
-            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+            self._in_place(tensor, lambda t: torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM))
 
     def reduce_(self, tensors: list[torch.Tensor], owner: int) -> None:
         """Sum ``tensors`` over the ranks into rank ``owner``'s, in place (after a check that no rank has
@@ -73,7 +73,18 @@ class Ranks:
             return
         self.check_ok()
         for tensor in tensors:
-            torch.distributed.reduce(tensor, dst=owner, op=torch.distributed.ReduceOp.SUM)
+            self._in_place(tensor, lambda t: torch.distributed.reduce(t, dst=owner, op=torch.distributed.ReduceOp.SUM))
+
+    def _in_place(self, tensor: torch.Tensor, collective) -> None:
+        """Run ``collective`` on ``tensor`` where the backend takes it (NCCL: this rank's GPU; gloo: the CPU),
+        through a copy when it lives elsewhere (e.g. a CPU count under NCCL)."""
+        device = self._collective_device()
+        if tensor.device == device:
+            collective(tensor)
+            return
+        moved = tensor.to(device)
+        collective(moved)
+        tensor.copy_(moved)
 
     def check_ok(self) -> None:
         """A synchronisation point: raises :class:`DistributedRunError` if any rank reports a failure."""

@@ -206,10 +206,10 @@ def _mixed_plan(plan: LayerPlan, model, originals, source: StatisticsSource, cal
     source.close(True)
     pools = (("qk",), ("ov", "mlp"))  # analytical errors: score units and output-energy units
     if cfg.sensitivity_tokens:
-        probe = SensitivityProbe(model, plan.adapter, ranks.share(_probe_windows(calibration, cfg)),
-                                 batch_size=cfg.batch_size, device=cfg.device, ranks=ranks)
+        probe = SensitivityProbe(model, plan.adapter, _probe_windows(calibration, cfg), batch_size=cfg.batch_size,
+                                 device=cfg.device)  # every rank holds all probe tokens: the probes are shared
         kl = measure_sensitivity(probe, plan.adapter, plan.geometry, [originals.get(i) for i in range(len(statistics))],
-                                 statistics, plan.dims, cfg.components, cfg, progress)
+                                 statistics, plan.dims, cfg.components, cfg, progress, ranks)
         del probe
         probe_dims = {(t.layer, t.component): getattr(plan.dims[t.layer], _DIM_FIELDS[t.component]) for t in tracks}
         tracks, pools = scaled_by_sensitivity(tracks, probe_dims, kl), (tuple(cfg.components),)  # all in KL units

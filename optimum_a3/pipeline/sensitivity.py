@@ -38,9 +38,8 @@ class SensitivityProbe:
     """The original model's layer inputs and next-token probabilities on the probe tokens, cached once,
     and :meth:`kl` of the model with one layer's weights replaced."""
 
-    def __init__(self, model: nn.Module, adapter, input_ids: torch.Tensor, *, batch_size: int, device=None,
-                 ranks: Ranks | None = None):
-        self.model, self.adapter, self.ranks = model, adapter, ranks or Ranks()
+    def __init__(self, model: nn.Module, adapter, input_ids: torch.Tensor, *, batch_size: int, device=None):
+        self.model, self.adapter = model, adapter
         self.layers = adapter.layers(model)
         device = torch.device(device) if device is not None else model.get_input_embeddings().weight.device
         with torch.inference_mode():
@@ -65,10 +64,10 @@ class SensitivityProbe:
             yield head(norm(flat[i:i + _HEAD_CHUNK])).float()
 
     def kl(self, idx: int, replacements: dict[nn.Parameter, torch.Tensor]) -> float:
-        """Mean KL(original ‖ probed) per token (all ranks' tokens) with ``replacements`` (parameter -> value,
-        same shape) in place in layers >= ``idx``; the parameters get their values back afterwards."""
+        """Mean KL(original ‖ probed) per probe token with ``replacements`` (parameter -> value, same shape)
+        in place in layers >= ``idx``; the parameters get their values back afterwards."""
         saved = {p: p.detach().clone() for p in replacements}
-        total, count = torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+        total, count = None, 0
         try:
             with torch.no_grad():
                 for p, value in replacements.items():
@@ -81,15 +80,15 @@ class SensitivityProbe:
                     for logits in self._logits(hidden):
                         rows = slice(start, start + logits.shape[0])
                         p_log_q = _row_dot(probs[rows], logits) - torch.logsumexp(logits, dim=-1).to(torch.float64)
-                        total += (p_log_p[rows] - p_log_q).sum().cpu()
+                        chunk = (p_log_p[rows] - p_log_q).sum()  # stays on the device: one transfer per probe
+                        total = chunk if total is None else total + chunk
                         start = rows.stop
                     count += probs.shape[0]
         finally:
             with torch.no_grad():
                 for p, value in saved.items():
                     p.copy_(value)
-        self.ranks.all_reduce_([total, count])
-        return max(total.item() / count.item(), 0.0)  # float noise can leave a tiny negative at ratio 0
+        return max(total.item() / count, 0.0)  # float noise can leave a tiny negative at ratio 0
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -161,20 +160,27 @@ def padded_component(adapter, layer: nn.Module, stats: LayerStatistics, geometry
 
 
 def measure_sensitivity(probe: SensitivityProbe, adapter, geometry: Geometry, layers, statistics: list[LayerStatistics],
-                        dims: list[LayerDims], components, config, progress: bool = True) -> dict[tuple[int, str], float]:
+                        dims: list[LayerDims], components, config, progress: bool = True,
+                        ranks: Ranks | None = None) -> dict[tuple[int, str], float]:
     """KL of every (layer, component) compressed alone to its dim in ``dims``; ``layers[idx]`` is the
-    original layer (in the probe's model), ``statistics[idx]`` its statistics."""
+    original layer (in the probe's model), ``statistics[idx]`` its statistics.
+
+    Under ``torchrun`` the probes, not the probe tokens, are shared: rank r runs every ``world_size``-th
+    probe on all the probe tokens and the figures are summed over the ranks, so that every rank gets the
+    very figures one process measures (the probe tokens may be a single window)."""
+    ranks = ranks or Ranks()
     full = {"qk": geometry.head_dim, "ov": geometry.head_dim, "mlp": None}
-    result = {}
     jobs = [(idx, c) for idx in range(geometry.num_layers) for c in components]
-    for idx, component in tqdm(jobs, desc="A3 sensitivity probes", unit="probe", disable=not progress):
+    figures = torch.zeros(len(jobs), dtype=torch.float64)
+    mine = [k for k in range(len(jobs)) if k % ranks.world_size == ranks.rank]
+    for k in tqdm(mine, desc="A3 sensitivity probes", unit="probe", disable=not progress):
+        idx, component = jobs[k]
         layer = layers[idx]
         target = getattr(dims[idx], _DIM_FIELDS[component])
         whole = full[component] or adapter.linears(layer)["down"].in_features
         if target >= whole:
-            result[(idx, component)] = 0.0  # nothing removed at this dim: nothing to measure
-            continue
+            continue  # nothing removed at this dim: nothing to measure (0)
         stats = statistics[idx].to(config.device or statistics[idx].attn_input_autocorr.device)
-        result[(idx, component)] = probe.kl(idx, padded_component(adapter, layer, stats, geometry, dims[idx],
-                                                                  component, config))
-    return result
+        figures[k] = probe.kl(idx, padded_component(adapter, layer, stats, geometry, dims[idx], component, config))
+    ranks.all_reduce_([figures])  # each figure is measured on one rank, zero on the others
+    return {job: figures[k].item() for k, job in enumerate(jobs)}
