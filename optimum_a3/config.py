@@ -7,7 +7,7 @@ import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from .math.budget import LayerDims, uniform_dims
+from .math.budget import DIM_FIELDS, LayerDims, uniform_dims
 from .errors import A3Error
 from .math.linalg import DEFAULT_EIG_FLOOR
 
@@ -223,7 +223,7 @@ class A3Config:
         return cls(**config_dict)
 
 
-_DIM_FIELDS = {"qk": "head_dim_qk", "ov": "head_dim_vo", "mlp": "intermediate_size"}
+_DIM_FIELDS = DIM_FIELDS  # component -> its explicit-dims field
 _FLOAT_FIELDS = ("ratio", "eig_floor", "refit_damping", "teacher_damping")
 _INT_FIELDS = ("nsamples", "seqlen", "batch_size", "seed", "sensitivity_tokens")
 _BOOL_FIELDS = ("mlp_refit", "sequential", "hold_mlp_intermediate", "teacher_refit", "cap_kv_dims")  # None (the method's value) is left as is

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from . import solvers
-from .budget import LayerDims
+from .budget import DIM_FIELDS, LayerDims
 
 
 @dataclass
@@ -93,9 +93,8 @@ def mixed_dims(tracks: list[Track], uniform: list[LayerDims], pools=(("qk",), ("
     ``capped`` components never grow past their uniform dims (e.g. ``("qk", "ov")``: the key/value widths,
     so the KV cache is at most the uniform model's): their tracks start at the uniform dims, and the
     parameters the uniform allocation removes from them count as removed already."""
-    field = {"qk": "head_dim_qk", "ov": "head_dim_vo", "mlp": "intermediate_size"}
-    uniform_dims = {(t.layer, t.component): getattr(uniform[t.layer], field[t.component]) for t in tracks}
-    result = {(i, c): getattr(u, field[c]) for i, u in enumerate(uniform) for c in field}
+    uniform_dims = {(t.layer, t.component): uniform[t.layer].of(t.component) for t in tracks}
+    result = {(i, c): u.of(c) for i, u in enumerate(uniform) for c in DIM_FIELDS}
     for pool in pools:
         pool_tracks = [t for t in tracks if t.component in pool]
         budget = _removed_params(pool_tracks, uniform_dims)

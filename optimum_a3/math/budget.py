@@ -10,6 +10,10 @@ from torch import nn
 from ..models.adapters import adapter_for, decoder_layers
 
 
+# The LayerDims field of each component (also the A3Config field that sets its dims explicitly).
+DIM_FIELDS = {"qk": "head_dim_qk", "ov": "head_dim_vo", "mlp": "intermediate_size"}
+
+
 @dataclass(frozen=True)
 class LayerDims:
     """Inner dimensions of one decoder layer."""
@@ -17,6 +21,10 @@ class LayerDims:
     head_dim_qk: int
     head_dim_vo: int
     intermediate_size: int
+
+    def of(self, component: str) -> int:
+        """The dim of ``component`` ("qk", "ov" or "mlp")."""
+        return getattr(self, DIM_FIELDS[component])
 
 
 def uniform_dims(ratio: float, head_dim: int, intermediate_size: int, rope: bool = True) -> LayerDims:

@@ -211,7 +211,7 @@ def _mixed_plan(plan: LayerPlan, model, originals, source: StatisticsSource, cal
         kl = measure_sensitivity(probe, plan.adapter, plan.geometry, [originals.get(i) for i in range(len(statistics))],
                                  statistics, plan.dims, cfg.components, cfg, progress, ranks)
         del probe
-        probe_dims = {(t.layer, t.component): getattr(plan.dims[t.layer], _DIM_FIELDS[t.component]) for t in tracks}
+        probe_dims = {(t.layer, t.component): plan.dims[t.layer].of(t.component) for t in tracks}
         tracks, pools = scaled_by_sensitivity(tracks, probe_dims, kl), (tuple(cfg.components),)  # all in KL units
     capped = ("qk", "ov") if cfg.cap_kv_dims else ()  # the key/value widths: the KV cache
     return StoredStatistics(statistics), dataclasses.replace(plan, dims=mixed_dims(tracks, plan.dims, pools=pools,

@@ -21,7 +21,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import _DIM_FIELDS
 from ..math import solvers
 from ..math.budget import LayerDims
 from ..models.adapters import Geometry
@@ -176,7 +175,7 @@ def measure_sensitivity(probe: SensitivityProbe, adapter, geometry: Geometry, la
     for k in tqdm(mine, desc="A3 sensitivity probes", unit="probe", disable=not progress):
         idx, component = jobs[k]
         layer = layers[idx]
-        target = getattr(dims[idx], _DIM_FIELDS[component])
+        target = dims[idx].of(component)
         whole = full[component] or adapter.linears(layer)["down"].in_features
         if target >= whole:
             continue  # nothing removed at this dim: nothing to measure (0)
