@@ -1,6 +1,6 @@
 """One rank of a test's ``torchrun`` job (tests/test_distributed.py): compress a tiny checkpoint.
 
-    python distributed_job.py MODE METHOD SRC OUT [--fail-rank R]
+    python distributed_job.py MODE METHOD SRC OUT [--fail-rank R] [--stats-cache DIR]
 
 MODE ``streamed`` runs ``compress_checkpoint`` (rank 0 writes OUT); ``memory`` runs ``compress`` on the
 loaded model and rank 0 saves it to OUT, rank r > 0 to OUT.rank<r>. ``--fail-rank R`` makes rank R raise
@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("src")
     parser.add_argument("out")
     parser.add_argument("--fail-rank", type=int, default=None)
+    parser.add_argument("--stats-cache", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
     rank, solve, solved = int(os.environ.get("RANK", 0)), loop.solve_mlp, []
@@ -51,12 +52,13 @@ def main() -> None:
     compressor = A3Compressor(A3Config(ratio=0.25, method=args.method, nsamples=8, seqlen=32, sensitivity_tokens=16))
     ids = random_token_windows(8, 32, seed=1)
     if args.mode == "streamed":
-        compressor.compress_checkpoint(args.src, args.out, calibration_ids=ids, progress=False, overwrite=True)
+        compressor.compress_checkpoint(args.src, args.out, calibration_ids=ids, progress=False, overwrite=True,
+                                       stats_cache=args.stats_cache)
     else:
         from transformers import AutoModelForCausalLM
 
         small = compressor.compress(AutoModelForCausalLM.from_pretrained(args.src), calibration_ids=ids,
-                                    progress=False)
+                                    progress=False, stats_cache=args.stats_cache)
         # Every rank returns the whole model (layers solved elsewhere are received): each saves its own.
         compressor.save(small, f"{args.out}.rank{rank}" if rank else args.out, overwrite=True)
     print(f"rank {rank} solved layers {solved}", flush=True)

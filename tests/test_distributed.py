@@ -136,6 +136,33 @@ def test_a_failing_rank_fails_the_run_and_leaves_the_output_untouched(source, tm
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no partial checkpoint left beside it
 
 
+def test_a_stats_cache_under_torchrun_records_then_solves_layer_parallel_and_stops_on_damage(source, tmp_path):
+    cache = tmp_path / "cache"
+    record = _torchrun("streamed", "paper", str(source), str(tmp_path / "miss"), "--stats-cache", str(cache))
+    assert record.returncode == 0, record.stderr[-3000:]
+    # A miss: rank 0 records every layer's statistics, so every rank has them and solves every layer.
+    assert _solved_layers(record.stdout) == {0: [0, 1], 1: [0, 1]}
+    entries = list(cache.glob("a3-stats-*"))
+    assert len(entries) == 1 and (entries[0] / "meta.json").exists()
+    hit = _torchrun("streamed", "paper", str(source), str(tmp_path / "hit"), "--stats-cache", str(cache))
+    assert hit.returncode == 0, hit.stderr[-3000:]
+    # A hit: each rank reads and solves only its own layers; the very same weights (the recorded sums).
+    assert _solved_layers(hit.stdout) == {0: [0], 1: [1]}
+    assert _hashes(tmp_path / "hit")["model.safetensors"] == _hashes(tmp_path / "miss")["model.safetensors"]
+    # Layer 1's statistics damaged: its owner (rank 1) finds out mid-way; the run stops on every rank.
+    layer_file = entries[0] / "layer-00001.safetensors"
+    layer_file.write_bytes(layer_file.read_bytes()[:-8] + b"\0" * 8)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("the previous checkpoint")
+    damaged = _torchrun("streamed", "paper", str(source), str(out), "--stats-cache", str(cache))
+    assert damaged.returncode != 0
+    assert "does not match its sha256" in damaged.stderr and "run it again" in damaged.stderr
+    assert "another rank of this 2-process run failed" in damaged.stderr
+    assert sorted(os.listdir(out)) == ["keep.txt"]
+    assert not list(cache.glob("a3-stats-*"))  # the damaged entry is deleted: the next run recomputes
+
+
 def test_windows_are_shared_in_contiguous_blocks_covering_each_once():
     from optimum_a3.pipeline.distributed import DistributedRunError, Ranks
 
@@ -156,10 +183,12 @@ def test_a_distributed_run_refuses_reused_statistics_before_any_collective(tmp_p
 
     model = tiny_llama()
     ids = random_token_windows(8, 32, seed=1)
+    compressor = A3Compressor(A3Config(ratio=0.25, method="paper"))
+    compressor.compress(model, calibration_ids=ids, progress=False, keep_statistics=True)
     calibration = lambda: Calibration(ids, {"dataset": "ids", "tokens": ids.numel()})  # noqa: E731
-    with pytest.raises(A3ConfigError, match="a distributed run computes its statistics"):
+    with pytest.raises(A3ConfigError, match="reusing statistics in memory is for one process"):
         run_compression(A3Config(ratio=0.25, method="paper"), model, calibration, ResidentLayers(model.model.layers),
-                        ModelSink, stats_cache=tmp_path / "cache", ranks=Ranks(0, 2))
+                        ModelSink, statistics=compressor.last_statistics, ranks=Ranks(0, 2))
 
 
 def test_layers_are_owned_round_robin_and_only_when_distributed():

@@ -38,6 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..errors import A3Error
 from .saving import partial_dir
 from ..pipeline.statistics import LayerStatistics, NonFiniteStatisticsError
 from ..version import __version__
@@ -57,6 +58,11 @@ class StatisticsCacheWarning(UserWarning):
 class StaleCacheEntry(Exception):
     """A cache entry turned out unusable while being read; it has been warned about and deleted, and the
     compression must start again without it."""
+
+
+class StaleStatisticsCache(A3Error, RuntimeError):
+    """Under torchrun: a cache entry turned out unusable mid-way (deleted, with a warning); the run stops
+    instead of starting again, which the other ranks could not follow."""
 
 
 def statistics_key(config: dict, weight_digest: str, calibration_ids: torch.Tensor) -> str:

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from ..checkpoint.records import CompressionRecord, update_compression_record
-from ..checkpoint.stats_cache import StaleCacheEntry, StatisticsCache, statistics_key, tensor_digest
+from ..checkpoint.stats_cache import (StaleCacheEntry, StaleStatisticsCache, StatisticsCache, statistics_key,
+                                      tensor_digest)
 from ..checkpoint.weight_checks import check_weights_read
 from ..config import _DIM_FIELDS, A3Config, A3ConfigError
 from ..math.allocation import layer_tracks, mixed_dims, scaled_by_sensitivity
@@ -91,9 +92,9 @@ def run_compression(config: A3Config, model: nn.Module, calibration: Callable[[]
     tokens = statistics[0].num_tokens if statistics else data.record["tokens"]
     cfg = _without_ill_posed_refit(cfg, tokens, geometry.intermediate_size)
     _check_reuse(cfg, statistics, stats_cache, geometry.num_layers)
-    if ranks.distributed and (statistics is not None or stats_cache is not None):
-        raise A3ConfigError("a distributed run computes its statistics: reusing statistics or a stats_cache is "
-                            "for one process")
+    if ranks.distributed and statistics is not None:
+        raise A3ConfigError("a distributed run computes its statistics: reusing statistics in memory is for one "
+                            "process (a stats_cache on a filesystem every rank reads works under torchrun)")
     if cfg.allocation == "mixed" and cfg.sensitivity_tokens:
         if not isinstance(originals, ResidentLayers):
             raise A3ConfigError("allocation='mixed' measures each layer's sensitivity by running the whole model, "
@@ -107,7 +108,10 @@ def run_compression(config: A3Config, model: nn.Module, calibration: Callable[[]
                                 progress=progress and ranks.is_main, keep_statistics=keep_statistics)
     try:
         return attempt(reuse_cache=True)
-    except StaleCacheEntry:  # deleted, with a warning: start again, computing the statistics
+    except StaleCacheEntry as stale:  # deleted, with a warning: start again, computing the statistics
+        if ranks.distributed:  # the other ranks are mid-way through the entry: stop all of them instead
+            raise StaleStatisticsCache(f"rank {ranks.rank}: {stale}; a distributed run stops instead: run it again "
+                                       "to recompute the statistics") from stale
         return attempt(reuse_cache=False)
 
 
@@ -118,18 +122,23 @@ def _attempt(plan: LayerPlan, model, calibration: Calibration, originals, make_s
     # The mixed allocation needs every layer's statistics before any dim: a first pass on the original
     # model (from the cache or handed in where they are); a sequential run then calibrates again.
     first_plan = _original_statistics_plan(plan) if mixed else plan
+    cache, cache_hit = (None, False) if statistics is not None else \
+        _open_cache(first_plan, model, calibration, stats_cache, reuse_cache, ranks)
     sink = make_sink()
-    # Layer-parallel solving where no layer's statistics depend on the compressed layers before it (the
-    # mixed allocation's first pass still all-reduces: every rank allocates from every layer's statistics).
-    owners = LayerOwners(ranks, split=not plan.config.sequential and not keep_statistics, to_all=sink.on_every_rank)
-    source, cache_hit = _source(first_plan, model, calibration, statistics, stats_cache, reuse_cache, ranks,
-                                owners=None if mixed else owners)
+    # Layer-parallel solving where no layer's statistics depend on the compressed layers before it, unless
+    # a new cache entry is recorded (rank 0 writes every layer's) or the statistics are kept; the mixed
+    # allocation's first pass still all-reduces: every rank allocates from every layer's statistics.
+    recording = cache is not None and not cache_hit
+    owners = LayerOwners(ranks, split=not plan.config.sequential and not keep_statistics and not recording,
+                         to_all=sink.on_every_rank)
+    source = _source(first_plan, model, calibration, statistics, cache, cache_hit, ranks,
+                     owners=None if mixed else owners)
     completed = False
     try:
         with _eval_mode(model):
             if mixed:
                 stored, plan = _mixed_plan(plan, model, originals, source, calibration, ranks, progress)
-                source = _source(plan, model, calibration, None, None, False, ranks)[0] if plan.config.sequential \
+                source = _source(plan, model, calibration, None, None, False, ranks) if plan.config.sequential \
                     else stored
             record = _record(model, plan.dims, calibration.record, plan.config)
             compressed = empty_compressed_model(plan.adapter, model, plan.dims, record, materialize=sink.materialize)
@@ -152,31 +161,43 @@ def _attempt(plan: LayerPlan, model, calibration: Calibration, originals, make_s
     return CompressionResult(compressed.eval(), plan.config, calibration.record, timings, kept)
 
 
-def _source(plan: LayerPlan, model, calibration: Calibration, statistics, stats_cache, reuse_cache: bool,
-            ranks: Ranks, owners: LayerOwners | None = None) -> tuple[StatisticsSource, bool]:
-    """Where the statistics come from: handed in, a cache entry, or a calibration forward (recorded to the
-    cache when there is one); returns the source and whether it is a cache hit. ``owners``: layer-parallel
-    solving, each layer's statistics reduced to its owner (a forward of the original model only)."""
-    if statistics is not None:
-        return StoredStatistics(statistics), False
+def _open_cache(plan: LayerPlan, model, calibration: Calibration, stats_cache, reuse_cache: bool,
+                ranks: Ranks) -> tuple[StatisticsCache | None, bool]:
+    """The run's statistics cache entry (``None`` without ``stats_cache``) and whether it covers the run.
+    Under ``torchrun`` it is a hit only if it covers the run on every rank (one filesystem, or copies)."""
+    if stats_cache is None:
+        return None, False
     cfg, geometry = plan.config, plan.geometry
-    want_head = geometry.is_mha and "ov" in cfg.components
-    cache = None
-    if stats_cache is not None:
-        key = statistics_key(model.config.to_dict(), _embedding_digest(model), calibration.ids)
-        cache = StatisticsCache(str(stats_cache), key)
-        if reuse_cache and cache.covers(geometry.num_layers, want_head, cfg.mlp_refit):
-            return CachedStatistics(cache), True
+    key = statistics_key(model.config.to_dict(), _embedding_digest(model), calibration.ids)
+    cache = StatisticsCache(str(stats_cache), key)
+    hit = reuse_cache and cache.covers(geometry.num_layers, geometry.is_mha and "ov" in cfg.components, cfg.mlp_refit)
+    if ranks.distributed:
+        misses = torch.tensor([0.0 if hit else 1.0], dtype=torch.float64)
+        ranks.all_reduce_([misses])
+        hit = misses.item() == 0.0
+    return cache, hit
+
+
+def _source(plan: LayerPlan, model, calibration: Calibration, statistics, cache: StatisticsCache | None,
+            cache_hit: bool, ranks: Ranks, owners: LayerOwners | None = None) -> StatisticsSource:
+    """Where the statistics come from: handed in, the cache entry (``cache_hit``), or a calibration forward
+    (recorded to ``cache`` when there is one, by rank 0 under torchrun). ``owners``: layer-parallel solving,
+    each layer's statistics read by or reduced to its owner only."""
+    if statistics is not None:
+        return StoredStatistics(statistics)
+    if cache_hit:
+        return CachedStatistics(cache, owners)
+    cfg, geometry = plan.config, plan.geometry
     forward = SequentialForward if cfg.sequential else OriginalForward
     options = {"hold_mlp_intermediate": cfg.hold_mlp_intermediate, "teacher": cfg.teacher_refit} if cfg.sequential \
         else {"owners": owners}
     with _eval_mode(model):
         source = forward(model, plan.adapter, geometry, ranks.share(calibration.ids), batch_size=cfg.batch_size,
-                         want_head_autocorr=want_head, want_down_autocorr=cfg.mlp_refit, device=cfg.device,
-                         ranks=ranks, **options)
-    if cache is not None:
+                         want_head_autocorr=geometry.is_mha and "ov" in cfg.components,
+                         want_down_autocorr=cfg.mlp_refit, device=cfg.device, ranks=ranks, **options)
+    if cache is not None and ranks.is_main:
         source = RecordedToCache(source, cache, geometry.num_layers, calibration.record)
-    return source, False
+    return source
 
 
 def _original_statistics_plan(plan: LayerPlan) -> LayerPlan:

@@ -62,11 +62,13 @@ class CachedStatistics(StatisticsSource):
     """A statistics cache entry; each layer's weights are checked against the entry as the layer is read
     (a mismatch raises :class:`~optimum_a3.checkpoint.stats_cache.StaleCacheEntry`)."""
 
-    def __init__(self, cache: StatisticsCache):
-        self.cache, self.weights = cache, LayerDigestChain()
+    def __init__(self, cache: StatisticsCache, owners: LayerOwners | None = None):
+        """``owners``: layer-parallel solving, a rank reads only the statistics of the layers it solves
+        (``None`` for the others); every rank checks every layer's weights."""
+        self.cache, self.weights, self.owners = cache, LayerDigestChain(), owners or LayerOwners(Ranks())
 
     def attention(self, idx, layer):
-        self._last = self.cache.load(idx)
+        self._last = self.cache.load(idx) if self.owners.solves(idx) else None
         self.cache.check_weights(idx, self.weights.add(layer))
         return self._last
 
