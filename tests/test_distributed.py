@@ -131,7 +131,8 @@ def test_a_failing_rank_fails_the_run_and_leaves_the_output_untouched(source, tm
     run = _torchrun("streamed", method, str(source), str(out), "--fail-rank", str(fail_rank))
     assert run.returncode != 0
     assert f"planted failure on rank {fail_rank}" in run.stderr  # the failing rank's own error
-    assert "another rank of this 2-process run failed" in run.stderr  # the other rank stopped instead of waiting
+    # the other rank stopped instead of waiting, naming the one that failed
+    assert f"rank {1 - fail_rank}: rank {fail_rank} of this 2-process run failed" in run.stderr
     assert sorted(os.listdir(out)) == ["keep.txt"] and (out / "keep.txt").read_text() == "the previous checkpoint"
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no partial checkpoint left beside it
 
@@ -158,7 +159,7 @@ def test_a_stats_cache_under_torchrun_records_then_solves_layer_parallel_and_sto
     damaged = _torchrun("streamed", "paper", str(source), str(out), "--stats-cache", str(cache))
     assert damaged.returncode != 0
     assert "does not match its sha256" in damaged.stderr and "run it again" in damaged.stderr
-    assert "another rank of this 2-process run failed" in damaged.stderr
+    assert "rank 0: rank 1 of this 2-process run failed" in damaged.stderr
     assert sorted(os.listdir(out)) == ["keep.txt"]
     assert not list(cache.glob("a3-stats-*"))  # the damaged entry is deleted: the next run recomputes
 

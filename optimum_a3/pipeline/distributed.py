@@ -88,14 +88,15 @@ class Ranks:
 
     def check_ok(self) -> None:
         """A synchronisation point: raises :class:`DistributedRunError` if any rank reports a failure."""
-        if self.distributed and self._flag_sum(0.0) > 0:
-            raise DistributedRunError(f"rank {self.rank}: another rank of this {self.world_size}-process run failed "
+        failed = self._failed_rank(None) if self.distributed else None
+        if failed is not None:
+            raise DistributedRunError(f"rank {self.rank}: rank {failed} of this {self.world_size}-process run failed "
                                       "(its error is in its output); stopping")
 
     @contextlib.contextmanager
     def guard(self) -> Iterator[None]:
         """Run a rank's share of the work; on a failure, tell the other ranks (at their next synchronisation)
-        before raising, so that none of them waits for this one."""
+        before raising, so that none of them waits for this one; their error names this rank."""
         try:
             yield
         except DistributedRunError:
@@ -103,13 +104,16 @@ class Ranks:
         except BaseException:
             if self.distributed:
                 with contextlib.suppress(Exception):  # the group may be broken already
-                    self._flag_sum(1.0)
+                    self._failed_rank(self.rank)
             raise
 
-    def _flag_sum(self, value: float) -> float:
-        flag = torch.tensor([value], dtype=torch.float64, device=self._collective_device())
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.SUM)
-        return float(flag.item())
+    def _failed_rank(self, failed: int | None) -> int | None:
+        """Exchange the one-element flag: ``failed`` is this rank when it failed, else ``None``; returns a
+        failed rank (the highest, if several) or ``None`` when every rank is well."""
+        flag = torch.tensor([0.0 if failed is None else failed + 1.0], dtype=torch.float64,
+                            device=self._collective_device())
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item()) - 1 if flag.item() > 0 else None
 
     def _collective_device(self) -> torch.device:
         backend = torch.distributed.get_backend()
