@@ -1,6 +1,6 @@
 """Data-parallel calibration with ``torch.distributed``: the processes of one run and what they share.
 
-Under ``torchrun`` (one node or many; ``accelerate launch`` drives it too) every process, a *rank*,
+Under ``torchrun`` (one node or many; ``accelerate launch --multi_gpu`` drives it on GPUs) every process, a *rank*,
 runs the same pipeline on its own share of the calibration windows. A layer's statistics are float64
 sums over tokens, so each rank sums over its windows and the ranks all-reduce (SUM) the partial sums:
 every rank then holds the statistics of all windows and solves the layer identically. Where a layer's
