@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -65,47 +66,16 @@ def compress_layers(plan: LayerPlan, originals, compressed: nn.Module, source: S
                     owners: LayerOwners | None = None) -> LoopReport:
     """Compress every decoder layer of ``originals`` into ``compressed``'s layers (see the module docstring).
     ``owners``: under layer-parallel solving, a layer this rank does not own is received from its owner."""
-    adapter, cfg, report = plan.adapter, plan.config, LoopReport()
-    owners = owners or LayerOwners(Ranks())
-    targets, prefix = adapter.layers(compressed), layers_prefix(compressed)
+    report, owners = LoopReport(), owners or LayerOwners(Ranks())
+    targets, prefix = plan.adapter.layers(compressed), layers_prefix(compressed)
     # Closed on errors too, so that a one-line error is not printed onto the bar's line.
     with tqdm(total=plan.geometry.num_layers, desc="A3 compression", unit="layer", disable=not progress) as bar:
         for idx, target in enumerate(targets):
-            layer, dims = originals.get(idx), plan.dims[idx]
+            layer = originals.get(idx)
             stats = source.attention(idx, layer)
-            if not owners.solves(idx):  # another rank solves it (statistics of the original model only)
-                owners.share(idx, target)
-                source.advance(idx, layer, target, None)
-                sink.add(f"{prefix}{idx}.", target)
-                originals.release(idx)
-                bar.update()
-                continue
-            start = time.perf_counter()
-            attention = solve_attention(adapter, layer, _on_solver(stats, cfg), plan.geometry, dims, cfg)
-            if source.runs_compressed_attention:
-                fill_layer(target, attention_state(adapter, layer, attention), strict=False)
-            report.solve_s += time.perf_counter() - start
-            if cfg.teacher_refit:
-                fit = source.attention_output_fit(idx, target)
-                start = time.perf_counter()
-                attention = refit_to_teacher(adapter, attention, "o", fit, cfg)
-                fill_layer(target, attention_state(adapter, layer, attention), strict=False)
-                report.solve_s += time.perf_counter() - start
-
-            stats = source.mlp(idx, layer, target)
-            start = time.perf_counter()
-            mlp_stats = _on_solver(stats, cfg)  # moved once: the selection and the solve share it
-            kept = mlp_kept_channels(adapter, layer, mlp_stats, dims)
-            mlp = solve_mlp(adapter, layer, mlp_stats, dims, cfg, kept=kept)
-            fill_layer(target, layer_state(layer, {**attention, **mlp}), strict=True)
-            report.solve_s += time.perf_counter() - start
-            if cfg.teacher_refit:
-                fit = source.mlp_output_fit(idx, target, kept)
-                start = time.perf_counter()
-                mlp = refit_to_teacher(adapter, mlp, "down", fit, cfg)
-                fill_layer(target, layer_state(layer, {**attention, **mlp}), strict=True)
-                report.solve_s += time.perf_counter() - start
-
+            kept = None
+            if owners.solves(idx):  # else another rank solves it and sends it (statistics of the original model)
+                stats, kept = _solve_layer(plan, idx, layer, target, stats, source, report)
             owners.share(idx, target)
             source.advance(idx, layer, target, kept)
             sink.add(f"{prefix}{idx}.", target)
@@ -114,6 +84,39 @@ def compress_layers(plan: LayerPlan, originals, compressed: nn.Module, source: S
                 report.statistics.append(stats)
             bar.update()
     return report
+
+
+def _solve_layer(plan: LayerPlan, idx: int, layer: nn.Module, target: nn.Module, stats: LayerStatistics,
+                 source: StatisticsSource, report: LoopReport) -> tuple[LayerStatistics, torch.Tensor]:
+    """Solve layer ``idx`` into ``target`` from its attention ``stats`` (the source gives the MLP's in
+    between); returns the complete statistics and the kept MLP channels. Solve time goes to ``report``."""
+    adapter, cfg, dims = plan.adapter, plan.config, plan.dims[idx]
+    start = time.perf_counter()
+    attention = solve_attention(adapter, layer, _on_solver(stats, cfg), plan.geometry, dims, cfg)
+    if source.runs_compressed_attention:
+        fill_layer(target, attention_state(adapter, layer, attention), strict=False)
+    report.solve_s += time.perf_counter() - start
+    if cfg.teacher_refit:
+        fit = source.attention_output_fit(idx, target)
+        start = time.perf_counter()
+        attention = refit_to_teacher(adapter, attention, "o", fit, cfg)
+        fill_layer(target, attention_state(adapter, layer, attention), strict=False)
+        report.solve_s += time.perf_counter() - start
+
+    stats = source.mlp(idx, layer, target)
+    start = time.perf_counter()
+    mlp_stats = _on_solver(stats, cfg)  # moved once: the selection and the solve share it
+    kept = mlp_kept_channels(adapter, layer, mlp_stats, dims)
+    mlp = solve_mlp(adapter, layer, mlp_stats, dims, cfg, kept=kept)
+    fill_layer(target, layer_state(layer, {**attention, **mlp}), strict=True)
+    report.solve_s += time.perf_counter() - start
+    if cfg.teacher_refit:
+        fit = source.mlp_output_fit(idx, target, kept)
+        start = time.perf_counter()
+        mlp = refit_to_teacher(adapter, mlp, "down", fit, cfg)
+        fill_layer(target, layer_state(layer, {**attention, **mlp}), strict=True)
+        report.solve_s += time.perf_counter() - start
+    return stats, kept
 
 
 def _on_solver(stats: LayerStatistics, cfg: A3Config) -> LayerStatistics:
