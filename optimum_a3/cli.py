@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--components", default="qk,ov,mlp", help="comma-separated subset of qk,ov,mlp (default all)")
     size.add_argument("--method", choices=["default", "paper", "quality"], default="default",
                       help="'paper' reproduces arXiv 2505.12942 exactly; 'default' adds sequential calibration; "
-                           "'quality' adds the teacher refit and the measured mixed allocation to that (README, Beyond the paper)")
+                           "'quality' adds the teacher refit and the measured mixed allocation to that (README, "
+                           "Beyond the paper)")
     size.add_argument("--allocation", choices=["uniform", "mixed"], default=None,
                       help="same dims in every layer, or per-layer dims under the same budget (default: the method's, "
                            "mixed for --method quality)")

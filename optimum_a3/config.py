@@ -129,11 +129,11 @@ class A3Config:
             raise A3ConfigError(f"components must be a non-empty subset of {COMPONENTS}, got {self.components}")
         if self.ratio is not None and not (0.0 <= float(self.ratio) < 1.0):
             raise A3ConfigError(f"ratio must be in [0, 1), got {self.ratio}")
-        explicit = {c: getattr(self, n) for c, n in _DIM_FIELDS.items()}
+        explicit = {c: getattr(self, n) for c, n in DIM_FIELDS.items()}
         for component in self.components:
             if self.ratio is None and explicit[component] is None:
-                raise A3ConfigError(f"give a ratio or an explicit {_DIM_FIELDS[component]} for component {component!r}")
-        for name in _DIM_FIELDS.values():
+                raise A3ConfigError(f"give a ratio or an explicit {DIM_FIELDS[component]} for component {component!r}")
+        for name in DIM_FIELDS.values():
             for v in _as_list(getattr(self, name)):
                 if v < 1:
                     raise A3ConfigError(f"{name} values must be integers >= 1, got {v!r}")
@@ -146,7 +146,7 @@ class A3Config:
         if self.sensitivity_tokens < 0:
             raise A3ConfigError(f"sensitivity_tokens must be >= 0, got {self.sensitivity_tokens}")
         if self.allocation == "mixed" and (self.ratio is None or any(
-                getattr(self, _DIM_FIELDS[c]) is not None for c in self.components)):
+                getattr(self, DIM_FIELDS[c]) is not None for c in self.components)):
             raise A3ConfigError("allocation='mixed' distributes a ratio's budget: give a ratio and no explicit dims")
         if not (0.0 <= self.eig_floor < 1.0):
             raise A3ConfigError(f"eig_floor must be in [0, 1), got {self.eig_floor}")
@@ -166,7 +166,7 @@ class A3Config:
                 setattr(self, name, _as_float(name, getattr(self, name)))
         for name in _INT_FIELDS:
             setattr(self, name, _as_int(name, getattr(self, name)))
-        for name in _DIM_FIELDS.values():
+        for name in DIM_FIELDS.values():
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
                 setattr(self, name, [_as_int(name, v) for v in value])
@@ -185,7 +185,7 @@ class A3Config:
             "mlp": _expand(intermediate_size, num_layers, "intermediate_size"),
         }
         resolved = {}
-        for component, name in _DIM_FIELDS.items():
+        for component, name in DIM_FIELDS.items():
             explicit = getattr(self, name)
             if component not in self.components:
                 resolved[component] = originals[component]
@@ -223,10 +223,10 @@ class A3Config:
         return cls(**config_dict)
 
 
-_DIM_FIELDS = DIM_FIELDS  # component -> its explicit-dims field
 _FLOAT_FIELDS = ("ratio", "eig_floor", "refit_damping", "teacher_damping")
 _INT_FIELDS = ("nsamples", "seqlen", "batch_size", "seed", "sensitivity_tokens")
-_BOOL_FIELDS = ("mlp_refit", "sequential", "hold_mlp_intermediate", "teacher_refit", "cap_kv_dims")  # None (the method's value) is left as is
+# None (the method's value) is left as is.
+_BOOL_FIELDS = ("mlp_refit", "sequential", "hold_mlp_intermediate", "teacher_refit", "cap_kv_dims")
 
 # Presets: "paper" reproduces arXiv 2505.12942; "default" is the best measured within the time budget.
 METHODS = {

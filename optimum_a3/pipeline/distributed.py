@@ -78,7 +78,7 @@ class Ranks:
     def _in_place(self, tensor: torch.Tensor, collective) -> None:
         """Run ``collective`` on ``tensor`` where the backend takes it (NCCL: this rank's GPU; gloo: the CPU),
         through a copy when it lives elsewhere (e.g. a CPU count under NCCL)."""
-        device = self._collective_device()
+        device = self.collective_device()
         if tensor.device == device:
             collective(tensor)
             return
@@ -111,11 +111,13 @@ class Ranks:
         """Exchange the one-element flag: ``failed`` is this rank when it failed, else ``None``; returns a
         failed rank (the highest, if several) or ``None`` when every rank is well."""
         flag = torch.tensor([0.0 if failed is None else failed + 1.0], dtype=torch.float64,
-                            device=self._collective_device())
+                            device=self.collective_device())
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return int(flag.item()) - 1 if flag.item() > 0 else None
+        highest = int(flag.item())
+        return highest - 1 if highest > 0 else None
 
-    def _collective_device(self) -> torch.device:
+    def collective_device(self) -> torch.device:
+        """Where the backend takes tensors: this rank's GPU under NCCL, else the CPU."""
         backend = torch.distributed.get_backend()
         return torch.device("cuda", self.local_rank) if backend == "nccl" else torch.device("cpu")
 
@@ -148,7 +150,7 @@ class LayerOwners:
             return
         ranks, owner = self.ranks, self.owner(idx)
         ranks.check_ok()  # an owner that failed while solving stops every rank here
-        device = ranks._collective_device()
+        device = ranks.collective_device()
         if ranks.rank == owner:
             for tensor in layer.state_dict().values():
                 tensor = tensor.detach().to(device).contiguous()
@@ -160,8 +162,8 @@ class LayerOwners:
         if not self.to_all and ranks.rank != 0:
             return
         received = {}
-        for name, shape in layer.state_dict().items():
-            tensor = torch.empty(shape.shape, dtype=shape.dtype, device=device)
+        for name, like in layer.state_dict().items():  # shapes and dtypes, even on the meta device
+            tensor = torch.empty(like.shape, dtype=like.dtype, device=device)
             if self.to_all:
                 torch.distributed.broadcast(tensor, src=owner)
             else:

@@ -22,9 +22,9 @@ from ..checkpoint.records import CompressionRecord, update_compression_record
 from ..checkpoint.stats_cache import (StaleCacheEntry, StaleStatisticsCache, StatisticsCache, statistics_key,
                                       tensor_digest)
 from ..checkpoint.weight_checks import check_weights_read
-from ..config import _DIM_FIELDS, A3Config, A3ConfigError
+from ..config import A3Config, A3ConfigError
 from ..math.allocation import layer_tracks, mixed_dims, scaled_by_sensitivity
-from ..math.budget import LayerDims, decoder_linear_params, kv_cache_bytes_per_token, total_params
+from ..math.budget import DIM_FIELDS, LayerDims, decoder_linear_params, kv_cache_bytes_per_token, total_params
 from ..models.adapters import adapter_for
 from ..version import __version__
 from .distributed import LayerOwners, Ranks
@@ -170,12 +170,17 @@ def _open_cache(plan: LayerPlan, model, calibration: Calibration, stats_cache, r
     cfg, geometry = plan.config, plan.geometry
     key = statistics_key(model.config.to_dict(), _embedding_digest(model), calibration.ids)
     cache = StatisticsCache(str(stats_cache), key)
-    hit = reuse_cache and cache.covers(geometry.num_layers, geometry.is_mha and "ov" in cfg.components, cfg.mlp_refit)
+    hit = reuse_cache and cache.covers(geometry.num_layers, _wants_head_autocorr(plan), cfg.mlp_refit)
     if ranks.distributed:
         misses = torch.tensor([0.0 if hit else 1.0], dtype=torch.float64)
         ranks.all_reduce_([misses])
         hit = misses.item() == 0.0
     return cache, hit
+
+
+def _wants_head_autocorr(plan: LayerPlan) -> bool:
+    """Whether the statistics hold G_z, the per-head o_proj input autocorrelation (MHA's v/o solve)."""
+    return plan.geometry.is_mha and "ov" in plan.config.components
 
 
 def _source(plan: LayerPlan, model, calibration: Calibration, statistics, cache: StatisticsCache | None,
@@ -193,7 +198,7 @@ def _source(plan: LayerPlan, model, calibration: Calibration, statistics, cache:
         else {"owners": owners}
     with _eval_mode(model):
         source = forward(model, plan.adapter, geometry, ranks.share(calibration.ids), batch_size=cfg.batch_size,
-                         want_head_autocorr=geometry.is_mha and "ov" in cfg.components,
+                         want_head_autocorr=_wants_head_autocorr(plan),
                          want_down_autocorr=cfg.mlp_refit, device=cfg.device, ranks=ranks, **options)
     if cache is not None and ranks.is_main:
         source = RecordedToCache(source, cache, geometry.num_layers, calibration.record)
@@ -281,7 +286,7 @@ def _restricted_to(adapter, cfg: A3Config) -> A3Config:
     unsupported = [c for c in cfg.components if c not in adapter.compressible_components]
     if not unsupported:
         return cfg
-    explicit = [c for c in unsupported if getattr(cfg, _DIM_FIELDS[c]) is not None]
+    explicit = [c for c in unsupported if getattr(cfg, DIM_FIELDS[c]) is not None]
     if explicit:
         raise A3ConfigError(f"{type(adapter).__name__}: {', '.join(explicit)} cannot be compressed in this "
                             f"architecture ({adapter.__doc__.strip().splitlines()[0]})")
