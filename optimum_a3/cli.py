@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--cap-kv-dims", action="store_true",
                       help="--allocation mixed: keep the q/k and v/o head dims at most the uniform ones, so the KV "
                            "cache is at most the uniform model's (costs perplexity, README)")
+    size.add_argument("--max-dim-factor", type=float, default=None, metavar="F",
+                      help="--allocation mixed: keep every dim within F times its uniform dim, and at least 1/F "
+                           "of it (F >= 1; default: no bound)")
     size.add_argument("--mlp-refit", action=argparse.BooleanOptionalAction, default=None,
                       help="least-squares refit of down_proj after channel selection (beyond the paper; lower perplexity, "
                            "about +0.5x the calibration forward's time; off by default)")
@@ -271,7 +274,7 @@ def run_compress(args) -> dict:
         dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size,
         seed=args.seed, method=args.method, allocation=args.allocation, mlp_refit=args.mlp_refit,
         sequential=args.sequential, hold_mlp_intermediate=args.hold_mlp_intermediate, device=args.device,
-        teacher_refit=args.teacher_refit, cap_kv_dims=args.cap_kv_dims,
+        teacher_refit=args.teacher_refit, cap_kv_dims=args.cap_kv_dims, max_dim_factor=args.max_dim_factor,
         **({} if args.sensitivity_tokens is None else {"sensitivity_tokens": args.sensitivity_tokens}),
     )
     check_output_dir(args.output, args.overwrite, inputs=[args.model])  # before any expensive work

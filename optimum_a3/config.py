@@ -58,6 +58,9 @@ class A3Config:
             uniform ones, so the KV cache is at most the uniform model's (the parameters still move between
             layers and into the MLPs). Off by default: on SmolLM2 at 20% the uncapped mixed allocation grows
             attention (KV cache 0.97x dense); capping it cost 4.7% perplexity (README, Beyond the paper).
+        max_dim_factor: ``allocation="mixed"`` only. Keep every dim within this factor of its uniform dim
+            (``uniform / f`` to ``uniform * f``): a trust region around the uniform allocation. ``None``: no
+            bound.
         mlp_refit: least-squares refit of down_proj after channel selection (method page §6). Lowers the
             perplexity further; accumulating its intermediate-sized statistic adds about half a
             calibration forward's time.
@@ -111,6 +114,7 @@ class A3Config:
     teacher_damping: float = 1.0
     sensitivity_tokens: int = 1024
     cap_kv_dims: bool = False
+    max_dim_factor: float | None = None
 
     def __post_init__(self):
         self._coerce_types()
@@ -143,6 +147,8 @@ class A3Config:
         for name in ("hold_mlp_intermediate", "cap_kv_dims"):
             if not isinstance(getattr(self, name), bool):
                 raise A3ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.max_dim_factor is not None and self.max_dim_factor < 1.0:
+            raise A3ConfigError(f"max_dim_factor must be >= 1 (1 keeps the uniform dims), got {self.max_dim_factor}")
         if self.sensitivity_tokens < 0:
             raise A3ConfigError(f"sensitivity_tokens must be >= 0, got {self.sensitivity_tokens}")
         if self.allocation == "mixed" and (self.ratio is None or any(
@@ -162,7 +168,7 @@ class A3Config:
     def _coerce_types(self) -> None:
         """Numbers to plain ``float``/``int``/``bool`` (see the class docstring); anything else is refused."""
         for name in _FLOAT_FIELDS:
-            if not (name == "ratio" and self.ratio is None):
+            if getattr(self, name) is not None or name not in _OPTIONAL_FLOATS:
                 setattr(self, name, _as_float(name, getattr(self, name)))
         for name in _INT_FIELDS:
             setattr(self, name, _as_int(name, getattr(self, name)))
@@ -223,7 +229,8 @@ class A3Config:
         return cls(**config_dict)
 
 
-_FLOAT_FIELDS = ("ratio", "eig_floor", "refit_damping", "teacher_damping")
+_FLOAT_FIELDS = ("ratio", "eig_floor", "refit_damping", "teacher_damping", "max_dim_factor")
+_OPTIONAL_FLOATS = ("ratio", "max_dim_factor")  # None is a value of these
 _INT_FIELDS = ("nsamples", "seqlen", "batch_size", "seed", "sensitivity_tokens")
 # None (the method's value) is left as is.
 _BOOL_FIELDS = ("mlp_refit", "sequential", "hold_mlp_intermediate", "teacher_refit", "cap_kv_dims")

@@ -53,6 +53,25 @@ def test_capped_components_never_grow_past_uniform_and_the_budget_is_met():
         assert 0 <= removed(dims) - removed(uniform) < 288            # the uniform budget, overshoot < one unit
 
 
+@pytest.mark.parametrize("factor", [1.0, 1.25, 2.0])
+def test_max_dim_factor_keeps_every_dim_near_uniform_and_the_budget_is_met(factor):
+    # Layer 0 is dear and layer 2 cheap in every component: unbounded, the allocation moves far from uniform.
+    scale = {0: 1e3, 1: 1.0, 2: 1e-3}
+    tracks = [Track(t.layer, t.component, t.full, t.step, t.params_per_unit, t.marginal * scale[t.layer])
+              for t in identical_tracks(3)]
+    uniform = [LayerDims(12, 12, 72)] * 3
+    free, bounded = mixed_dims(tracks, uniform), mixed_dims(tracks, uniform, max_factor=factor)
+    assert free[2].intermediate_size < 72 / 2 and free[0].intermediate_size > 72 * 1.25  # what the bound is for
+    for d in bounded:
+        for dim, (full, uni, step) in zip((d.head_dim_qk, d.head_dim_vo, d.intermediate_size),
+                                          ((16, 12, 2), (16, 12, 1), (96, 72, 1))):
+            assert uni / factor <= dim <= min(full, uni * factor) and dim % step == 0, (factor, d)
+    if factor == 1.0:
+        assert bounded == uniform
+    removed = lambda ds: sum((16 - d.head_dim_vo) * 288 + (96 - d.intermediate_size) * 144 for d in ds)  # noqa: E731
+    assert 0 <= removed(bounded) - removed(uniform) < 288  # the uniform budget, overshoot < one unit
+
+
 def test_greedy_prefers_cheap_units_and_meets_budget():
     cheap = Track(0, "mlp", 10, 1, 3, torch.linspace(0.0, 0.1, 9, dtype=torch.float64))
     dear = Track(1, "mlp", 10, 1, 3, torch.linspace(1.0, 2.0, 9, dtype=torch.float64))

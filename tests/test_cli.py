@@ -154,6 +154,21 @@ def test_mixed_allocation_with_capped_kv_dims(base_dir, tmp_path, capsys):
     assert max(record["dims"]["head_dim_qk"]) <= 12 and max(record["dims"]["head_dim_vo"]) <= 12  # uniform: 12
 
 
+def test_mixed_allocation_with_a_max_dim_factor(base_dir, tmp_path, capsys):
+    out = tmp_path / "bounded"
+    code, _, err = run(capsys, ["compress", str(base_dir / "base"), "--ratio", "0.25", "-o", str(out),
+                                "--dataset", str(base_dir / "text.txt"), "--nsamples", "4", "--seqlen", "32",
+                                "--allocation", "mixed", "--max-dim-factor", "1.2", "--sensitivity-tokens", "32"])
+    assert code == 0, err
+    record = json.loads((out / "config.json").read_text())["a3_compression"]
+    assert record["a3_config"]["max_dim_factor"] == 1.2
+    for name in ("head_dim_qk", "head_dim_vo"):
+        assert all(10 <= d <= 14 for d in record["dims"][name]), (name, record["dims"][name])  # 12 / 1.2, 12 * 1.2
+    code, _, err = run(capsys, ["compress", str(base_dir / "base"), "--ratio", "0.25", "-o", str(tmp_path / "bad"),
+                                "--allocation", "mixed", "--max-dim-factor", "0.5"])
+    assert code == 2 and "max_dim_factor must be >= 1" in err and len(err.strip().splitlines()) == 1
+
+
 def test_quantize_saves_a_reloadable_4bit_checkpoint(compressed_dir, base_dir, tmp_path, capsys):
     from optimum_a3.integrations.quantization import load_quantized, quantized_backend
 

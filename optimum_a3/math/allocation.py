@@ -87,28 +87,39 @@ def _removed_params(tracks: list[Track], dims: dict[tuple[int, str], int]) -> in
 
 
 def mixed_dims(tracks: list[Track], uniform: list[LayerDims], pools=(("qk",), ("ov", "mlp")),
-               capped: tuple[str, ...] = ()) -> list[LayerDims]:
+               capped: tuple[str, ...] = (), max_factor: float | None = None) -> list[LayerDims]:
     """Per-layer dims with the uniform allocation's parameter count, redistributed by error.
 
     ``capped`` components never grow past their uniform dims (e.g. ``("qk", "ov")``: the key/value widths,
-    so the KV cache is at most the uniform model's): their tracks start at the uniform dims, and the
-    parameters the uniform allocation removes from them count as removed already."""
+    so the KV cache is at most the uniform model's). ``max_factor`` keeps every dim within that factor of
+    its uniform dim (in ``[uniform / f, uniform * f]``, whole units): a trust region around the uniform
+    allocation for when the error estimates are not trusted far from the dims they were measured at.
+    A track's units above its upper bound count as removed already."""
     uniform_dims = {(t.layer, t.component): uniform[t.layer].of(t.component) for t in tracks}
     result = {(i, c): u.of(c) for i, u in enumerate(uniform) for c in DIM_FIELDS}
     for pool in pools:
         pool_tracks = [t for t in tracks if t.component in pool]
         budget = _removed_params(pool_tracks, uniform_dims)
-        starts = [_started_at(t, uniform_dims[(t.layer, t.component)]) if t.component in capped else t
-                  for t in pool_tracks]
-        budget -= _removed_params(pool_tracks, {(t.layer, t.component): t.full for t in starts})
-        result.update(greedy_allocate(starts, budget))
+        bounded = [_bounded(t, uniform_dims[(t.layer, t.component)], t.component in capped, max_factor)
+                   for t in pool_tracks]
+        budget -= _removed_params(pool_tracks, {(t.layer, t.component): t.full for t in bounded})
+        result.update(greedy_allocate(bounded, budget))
     return [LayerDims(result[(i, "qk")], result[(i, "ov")], result[(i, "mlp")]) for i in range(len(uniform))]
 
 
-def _started_at(track: Track, dim: int) -> Track:
-    """``track`` with its units down to ``dim`` removed already: it can shrink further, never grow back."""
-    units = (track.full - dim) // track.step
-    return Track(track.layer, track.component, dim, track.step, track.params_per_unit, track.marginal[units:])
+def _bounded(track: Track, uniform: int, capped: bool, max_factor: float | None) -> Track:
+    """``track`` started at its upper bound (the units above it removed already, never grown back) and
+    ending at its lower bound (no unit removed below it); the uniform dim is always inside."""
+    high, low = track.full, track.full - track.step * len(track.marginal)
+    if capped:
+        high = uniform
+    if max_factor is not None:
+        units = lambda dim: -(-dim // track.step)  # noqa: E731  whole units, rounded up
+        high = min(high, max(uniform, track.step * int(uniform * max_factor // track.step)))
+        low = max(low, min(uniform, track.step * units(int(-(-uniform // max_factor)))))
+    removed = (track.full - high) // track.step
+    return Track(track.layer, track.component, high, track.step, track.params_per_unit,
+                 track.marginal[removed:removed + (high - low) // track.step])
 
 
 def scaled_by_sensitivity(tracks: list[Track], probe_dims: dict[tuple[int, str], int],

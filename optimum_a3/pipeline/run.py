@@ -240,8 +240,8 @@ def _mixed_plan(plan: LayerPlan, model, originals, source: StatisticsSource, cal
         probe_dims = {(t.layer, t.component): plan.dims[t.layer].of(t.component) for t in tracks}
         tracks, pools = scaled_by_sensitivity(tracks, probe_dims, kl), (tuple(cfg.components),)  # all in KL units
     capped = ("qk", "ov") if cfg.cap_kv_dims else ()  # the key/value widths: the KV cache
-    return StoredStatistics(statistics), dataclasses.replace(plan, dims=mixed_dims(tracks, plan.dims, pools=pools,
-                                                                                   capped=capped))
+    dims = mixed_dims(tracks, plan.dims, pools=pools, capped=capped, max_factor=cfg.max_dim_factor)
+    return StoredStatistics(statistics), dataclasses.replace(plan, dims=dims)
 
 
 def _probe_windows(calibration: Calibration, cfg: A3Config) -> torch.Tensor:
