@@ -61,6 +61,16 @@ def _wrap(text: str) -> str:
     return textwrap.fill(" ".join(text.split()), width=100)
 
 
+def _factor_or_none(text: str) -> float | None:
+    """``--max-dim-factor``: a number, or ``none`` for no bound (a bad number is A3Config's to refuse)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+
+
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window length (default 2048, the paper's)")
     p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows (quick runs)")
@@ -135,9 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--cap-kv-dims", action="store_true",
                       help="--allocation mixed: keep the q/k and v/o head dims at most the uniform ones, so the KV "
                            "cache is at most the uniform model's (costs perplexity, README)")
-    size.add_argument("--max-dim-factor", type=float, default=None, metavar="F",
+    size.add_argument("--max-dim-factor", type=_factor_or_none, default=1.5, metavar="F",
                       help="--allocation mixed: keep every dim within F times its uniform dim, and at least 1/F "
-                           "of it (F >= 1; default: no bound)")
+                           "of it (F >= 1; default 1.5; 'none': no bound)")
     size.add_argument("--mlp-refit", action=argparse.BooleanOptionalAction, default=None,
                       help="least-squares refit of down_proj after channel selection (beyond the paper; lower perplexity, "
                            "about +0.5x the calibration forward's time; off by default)")

@@ -167,6 +167,16 @@ def test_mixed_allocation_with_a_max_dim_factor(base_dir, tmp_path, capsys):
     code, _, err = run(capsys, ["compress", str(base_dir / "base"), "--ratio", "0.25", "-o", str(tmp_path / "bad"),
                                 "--allocation", "mixed", "--max-dim-factor", "0.5"])
     assert code == 2 and "max_dim_factor must be >= 1" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as exc:  # argparse's usage error, like any malformed option
+        main(["compress", str(base_dir / "base"), "--ratio", "0.25", "-o", str(tmp_path / "bad"),
+              "--allocation", "mixed", "--max-dim-factor", "wide"])
+    assert exc.value.code == 2 and "expected a number or 'none'" in capsys.readouterr().err
+    out = tmp_path / "unbounded"
+    code, _, err = run(capsys, ["compress", str(base_dir / "base"), "--ratio", "0.25", "-o", str(out),
+                                "--dataset", str(base_dir / "text.txt"), "--nsamples", "4", "--seqlen", "32",
+                                "--allocation", "mixed", "--max-dim-factor", "none", "--sensitivity-tokens", "32"])
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["a3_compression"]["a3_config"]["max_dim_factor"] is None
 
 
 def test_quantize_saves_a_reloadable_4bit_checkpoint(compressed_dir, base_dir, tmp_path, capsys):

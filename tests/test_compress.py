@@ -213,6 +213,9 @@ def test_compressor_dict_round_trip():
     assert again.config == cfg
     with pytest.raises(A3ConfigError, match="unknown"):
         A3Config.from_dict({"ratio": 0.2, "bits": 4})
+    # A record from before max_dim_factor existed describes an unbounded allocation, not today's default.
+    assert A3Config.from_dict({"ratio": 0.2, "allocation": "mixed"}).max_dim_factor is None
+    assert A3Config(ratio=0.2, allocation="mixed").max_dim_factor == 1.5
 
 
 def test_reused_statistics_give_identical_checkpoint_weights():
