@@ -61,10 +61,10 @@ def _wrap(text: str) -> str:
     return textwrap.fill(" ".join(text.split()), width=100)
 
 
-def _factor_or_none(text: str) -> float | None:
-    """``--max-dim-factor``: a number, or ``none`` for no bound (a bad number is A3Config's to refuse)."""
+def _factor_or_none(text: str) -> float | str:
+    """``--max-dim-factor``: a number, or ``"none"`` for no bound (a bad number is A3Config's to refuse)."""
     if text.strip().lower() == "none":
-        return None
+        return "none"
     try:
         return float(text)
     except ValueError:
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--cap-kv-dims", action="store_true",
                       help="--allocation mixed: keep the q/k and v/o head dims at most the uniform ones, so the KV "
                            "cache is at most the uniform model's (costs perplexity, README)")
-    size.add_argument("--max-dim-factor", type=_factor_or_none, default=1.5, metavar="F",
+    size.add_argument("--max-dim-factor", type=_factor_or_none, default=None, metavar="F",
                       help="--allocation mixed: keep every dim within F times its uniform dim, and at least 1/F "
                            "of it (F >= 1; default 1.5; 'none': no bound)")
     size.add_argument("--mlp-refit", action=argparse.BooleanOptionalAction, default=None,
@@ -284,10 +284,13 @@ def run_compress(args) -> dict:
         dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size,
         seed=args.seed, method=args.method, allocation=args.allocation, mlp_refit=args.mlp_refit,
         sequential=args.sequential, hold_mlp_intermediate=args.hold_mlp_intermediate, device=args.device,
-        teacher_refit=args.teacher_refit, cap_kv_dims=args.cap_kv_dims, max_dim_factor=args.max_dim_factor,
+        teacher_refit=args.teacher_refit, cap_kv_dims=args.cap_kv_dims,
         **({} if args.sensitivity_tokens is None else {"sensitivity_tokens": args.sensitivity_tokens}),
+        **({} if args.max_dim_factor is None else
+           {"max_dim_factor": None if args.max_dim_factor == "none" else args.max_dim_factor}),
     )
-    check_output_dir(args.output, args.overwrite, inputs=[args.model])  # before any expensive work
+    # before any expensive work
+    check_output_dir(args.output, args.overwrite, inputs=[args.model], overwrite_option="--overwrite")
     _check_model_spec(args.model)
     if args.push_to_hub:
         from .checkpoint.hub import check_hub_access
@@ -472,7 +475,8 @@ def run_quantize(args) -> dict:
     from .checkpoint.records import quantization_record, update_quantization_record
     from .checkpoint.saving import check_output_dir
 
-    check_output_dir(args.output, args.overwrite, inputs=[args.model])  # before any expensive work
+    # before any expensive work
+    check_output_dir(args.output, args.overwrite, inputs=[args.model], overwrite_option="--overwrite")
     _check_model_spec(args.model)
     model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     model = quantize_model(model, backend=args.backend, bits=args.bits, group_size=args.group_size,
@@ -498,7 +502,8 @@ def run_recover(args) -> dict:
     from .integrations.recovery import recover
     from .checkpoint.saving import check_output_dir
 
-    check_output_dir(args.output, args.overwrite, inputs=[args.model])  # before any expensive work
+    # before any expensive work
+    check_output_dir(args.output, args.overwrite, inputs=[args.model], overwrite_option="--overwrite")
     _check_model_spec(args.model)
     if args.teacher is not None:
         _check_model_spec(args.teacher)

@@ -242,7 +242,7 @@ def test_recover_distills_the_weights_from_the_dense_model(compressed_dir, base_
 
 @pytest.mark.parametrize("argv,command,match", [
     (["compress", "{base}", "--ratio", "1.5", "-o", "{tmp}/o"], "compress", "ratio must be in [0, 1)"),
-    (["compress", "{base}", "--ratio", "0.2", "-o", "{busy}"], "compress", "is not empty"),
+    (["compress", "{base}", "--ratio", "0.2", "-o", "{busy}"], "compress", "is not empty: choose another directory or pass --overwrite"),
     (["compress", "{tmp}/no-such-model", "--ratio", "0.2", "-o", "{tmp}/o"], "compress", "no such file or directory"),
     (["compress", "{tmp}/missing.gguf", "--ratio", "0.2", "-o", "{tmp}/o"], "compress", "no such GGUF file"),
     (["compress", "{base}", "--ratio", "0.2", "-o", "{tmp}/o", "--dataset", "{tmp}/nothing.txt", "--seqlen", "32"],
@@ -263,7 +263,7 @@ def test_recover_distills_the_weights_from_the_dense_model(compressed_dir, base_
     (["push", "{tmp}/no-such-checkpoint", "a3-tester/x"], "push", "is not a directory"),
     (["push", "{base}", "a3-tester/x"], "push", "no `a3_compression` record"),
     (["quantize", "{base}", "-o", "{tmp}/o", "--backend", "quanto", "--bits", "3"], "quantize", "supports bits in"),
-    (["quantize", "{base}", "-o", "{busy}"], "quantize", "is not empty"),
+    (["quantize", "{base}", "-o", "{busy}"], "quantize", "is not empty: choose another directory or pass --overwrite"),
     (["recover", "{base}", "-o", "{tmp}/o", "--steps", "2"], "recover", "expects an A3 model"),
     (["recover", "{tmp}/no-such-checkpoint", "-o", "{tmp}/o"], "recover", "no such file or directory"),
     (["recover", "{compressed}", "-o", "{tmp}/o", "--teacher", "{tmp}/no-such-teacher"], "recover",

@@ -18,13 +18,14 @@ class OutputDirError(A3Error, FileExistsError):
     """The output directory is not empty and overwriting was not asked for."""
 
 
-def check_output_dir(save_dir: str | os.PathLike, overwrite: bool, inputs: Iterable[str | os.PathLike] = ()) -> None:
+def check_output_dir(save_dir: str | os.PathLike, overwrite: bool, inputs: Iterable[str | os.PathLike] = (),
+                     overwrite_option: str = "overwrite=True") -> None:
     """Fail early (before any expensive work) when writing ``save_dir`` would destroy something.
 
     Refused whatever ``overwrite`` says: an empty path (it would resolve to the working directory), the
     working directory itself or any directory above it, a file, and a directory that is one of
     ``inputs`` (checkpoint paths being read), contains one or lies inside one. A non-empty directory is
-    replaced only with ``overwrite``.
+    replaced only with ``overwrite`` (named ``overwrite_option`` in the error: the CLI's flag there).
     """
     if save_dir is None or not str(save_dir).strip():
         raise OutputDirError("the output path is empty: name the directory to write")
@@ -46,7 +47,7 @@ def check_output_dir(save_dir: str | os.PathLike, overwrite: bool, inputs: Itera
     if os.path.isfile(save_dir):
         raise OutputDirError(f"{save_dir} is a file, not a directory")
     if os.path.isdir(save_dir) and os.listdir(save_dir) and not overwrite:
-        raise OutputDirError(f"{save_dir} is not empty: choose another directory or pass overwrite=True")
+        raise OutputDirError(f"{save_dir} is not empty: choose another directory or pass {overwrite_option}")
     _check_parent_writable(target, save_dir)
 
 
