@@ -10,7 +10,9 @@ for this separable convex problem. Errors are made comparable across layers by d
 component's total energy (``normalize="self"``; dividing by the residual-stream energy ``E||h||²``
 instead measured worse on SmolLM2, see README). OV and MLP share one pool; QK errors live in score
 units and form their own pool. Each pool removes exactly the parameters the uniform
-§7 allocation removes (overshoot < one unit), so the result has the uniform model's size.
+§7 allocation removes (overshoot < one unit), so the result has the uniform model's size. Bounds per track
+(the KV cap, ``max_factor``'s trust region around the uniform dims) shorten its curve at both ends; the
+uniform dims always lie inside them, so the budget stays reachable.
 """
 
 from __future__ import annotations
