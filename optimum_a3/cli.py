@@ -260,6 +260,13 @@ def _ppl(model, tokenizer, source, args) -> float:
                                max_windows=args.eval_windows).ppl
 
 
+def _check_output(args) -> None:
+    """``--output`` may be written: refuses what would destroy files (``check_output_dir``), naming the flag."""
+    from .checkpoint.saving import check_output_dir
+
+    check_output_dir(args.output, args.overwrite, inputs=[args.model], overwrite_option="--overwrite")
+
+
 def _check_model_spec(spec: str) -> None:
     from .checkpoint.loading import check_model_spec
 
@@ -275,7 +282,6 @@ def run_compress(args) -> dict:
     from .config import A3Config
     from .checkpoint.loading import load_model_and_tokenizer
     from .checkpoint.records import compression_record, update_compression_record
-    from .checkpoint.saving import check_output_dir
     from .pipeline.distributed import current_ranks
 
     config = A3Config(
@@ -289,8 +295,7 @@ def run_compress(args) -> dict:
         **({} if args.max_dim_factor is None else
            {"max_dim_factor": None if args.max_dim_factor == "none" else args.max_dim_factor}),
     )
-    # before any expensive work
-    check_output_dir(args.output, args.overwrite, inputs=[args.model], overwrite_option="--overwrite")
+    _check_output(args)  # before any expensive work
     _check_model_spec(args.model)
     if args.push_to_hub:
         from .checkpoint.hub import check_hub_access
@@ -473,10 +478,8 @@ def run_quantize(args) -> dict:
     from .checkpoint.loading import load_model_and_tokenizer
     from .integrations.quantization import inference_mode_as_no_grad, quantize_model, save_quantized
     from .checkpoint.records import quantization_record, update_quantization_record
-    from .checkpoint.saving import check_output_dir
 
-    # before any expensive work
-    check_output_dir(args.output, args.overwrite, inputs=[args.model], overwrite_option="--overwrite")
+    _check_output(args)  # before any expensive work
     _check_model_spec(args.model)
     model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     model = quantize_model(model, backend=args.backend, bits=args.bits, group_size=args.group_size,
@@ -500,10 +503,8 @@ def run_recover(args) -> dict:
     from .checkpoint.loading import load_model_and_tokenizer
     from .checkpoint.records import compression_record, update_compression_record
     from .integrations.recovery import recover
-    from .checkpoint.saving import check_output_dir
 
-    # before any expensive work
-    check_output_dir(args.output, args.overwrite, inputs=[args.model], overwrite_option="--overwrite")
+    _check_output(args)  # before any expensive work
     _check_model_spec(args.model)
     if args.teacher is not None:
         _check_model_spec(args.teacher)
