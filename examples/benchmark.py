@@ -49,18 +49,19 @@ from optimum_a3.integrations.evaluation import perplexity, tokenize_rows, wikite
 from optimum_a3.checkpoint.loading import load_model_and_tokenizer
 
 
-# A3 rows: the paper, each beyond-the-paper option alone (a3-mixed: the paper's statistics, dims from the
-# measured-sensitivity allocation), the library default (sequential calibration), the default with the
-# refit or the mixed allocation added, the default holding no MLP intermediate (the same model, for less
-# memory and more time), and the quality preset.
+# A3 rows: the paper, each beyond-the-paper option alone (a3-refit: the down_proj refit; a3-mixed: the paper's
+# statistics, dims from the measured-sensitivity allocation on 1024 probe tokens), sequential calibration with
+# uniform dims (the default before the mixed allocation joined it), with the refit added, or holding no MLP
+# intermediate (the same model, for less memory and more time), the library default (sequential calibration
+# and the cheaply priced mixed allocation) and the quality preset.
 A3_VARIANTS = {
     "a3": {"method": "paper"},
-    "a3-refit": {"mlp_refit": True, "sequential": False},
-    "a3-mixed": {"allocation": "mixed", "mlp_refit": False, "sequential": False},
+    "a3-refit": {"allocation": "uniform", "mlp_refit": True, "sequential": False},
+    "a3-mixed": {"allocation": "mixed", "mlp_refit": False, "sequential": False, "sensitivity_tokens": 1024},
+    "a3-sequential": {"method": "default", "allocation": "uniform"},
+    "a3-sequential-refit": {"method": "default", "allocation": "uniform", "mlp_refit": True},
+    "a3-sequential-lean": {"method": "default", "allocation": "uniform", "hold_mlp_intermediate": False},
     "a3-default": {"method": "default"},
-    "a3-default-refit": {"method": "default", "mlp_refit": True},
-    "a3-default-mixed": {"method": "default", "allocation": "mixed"},
-    "a3-default-lean": {"method": "default", "hold_mlp_intermediate": False},
     "a3-quality": {"method": "quality"},
 }
 

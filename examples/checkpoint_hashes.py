@@ -9,10 +9,11 @@ models (no downloads) in six modes and records the sha256 of every file of every
             qwen2-gqa-untied   Qwen2 (random q/k/v biases), untied lm_head
             qwen3-gqa-tied     Qwen3 (random q/k RMSNorm weights), tied lm_head
     modes   paper              method="paper", in memory, saved with A3Compressor.save
-            default            method="default" (sequential calibration), in memory
+            default            method="default" (probes priced on one window, then a sequential pass), in memory
             default-refit      method="default", mlp_refit=True, in memory
-            mixed              method="default", allocation="mixed": measured probes, then a sequential pass
+            uniform            method="default", allocation="uniform": sequential calibration alone, in memory
             streamed           method="default", A3Compressor.compress_checkpoint from a save_pretrained dir
+                               (a streamed run cannot probe: the default's uniform dims, with a warning)
             streamed-cache-hit method="paper", compress_checkpoint run twice with the same stats_cache
                                directory; the second run (which reads the cached statistics) is hashed
 
@@ -107,7 +108,7 @@ MODES = {
     "paper": ("in-memory", dict(method="paper")),
     "default": ("in-memory", dict(method="default")),
     "default-refit": ("in-memory", dict(method="default", mlp_refit=True)),
-    "mixed": ("in-memory", dict(method="default", allocation="mixed")),
+    "uniform": ("in-memory", dict(method="default", allocation="uniform")),
     "streamed": ("streamed", dict(method="default")),
     "streamed-cache-hit": ("streamed-cache-hit", dict(method="paper")),
 }
@@ -200,8 +201,9 @@ def run_all(cases: list[tuple[str, str]], work_dir: Path) -> dict[str, dict[str,
 
 
 # Pairs of modes whose weights the library promises to be the same: a streamed checkpoint equals the
-# saved in-memory result of the same method, tensor for tensor, with or without the statistics cache.
-SAME_WEIGHTS = (("streamed", "default"), ("streamed-cache-hit", "paper"))
+# saved in-memory result of the same method and dims allocation, tensor for tensor, with or without the
+# statistics cache.
+SAME_WEIGHTS = (("streamed", "uniform"), ("streamed-cache-hit", "paper"))
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 

@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--max-shard-size", default="100MB",
                         help="output shard size of the streamed runs: the output buffered in memory (default 100MB)")
-    parser.add_argument("--with-default", action="store_true", help="also measure the default (sequential+refit) method")
+    parser.add_argument("--with-default", action="store_true", help="also measure the default method (streamed: uniform dims)")
     parser.add_argument("--output", type=Path, default=Path("bench_results/memory.json"))
     args = parser.parse_args()
     if args.mode:

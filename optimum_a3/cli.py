@@ -133,15 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--intermediate-size", type=int, help="explicit MLP width")
     size.add_argument("--components", default="qk,ov,mlp", help="comma-separated subset of qk,ov,mlp (default all)")
     size.add_argument("--method", choices=["default", "paper", "quality"], default="default",
-                      help="'paper' reproduces arXiv 2505.12942 exactly; 'default' adds sequential calibration; "
-                           "'quality' adds the teacher refit and the measured mixed allocation to that (README, "
-                           "Beyond the paper)")
+                      help="'paper' reproduces arXiv 2505.12942 exactly; 'default' adds sequential calibration and "
+                           "the measured mixed allocation, cheaply priced; 'quality' adds the teacher refit and prices "
+                           "the allocation on more tokens (README, Beyond the paper)")
     size.add_argument("--allocation", choices=["uniform", "mixed"], default=None,
                       help="same dims in every layer, or per-layer dims under the same budget (default: the method's, "
-                           "mixed for --method quality)")
+                           "mixed except for --method paper, explicit dims or --low-memory)")
     size.add_argument("--sensitivity-tokens", type=int, default=None,
                       help="--allocation mixed: calibration tokens on which each layer's components are probed "
-                           "(default 1024; 0: analytical errors alone)")
+                           "(default: the method's, 256 or 1024 with --method quality; 0: analytical errors alone)")
+    size.add_argument("--allocation-windows", type=int, default=None, metavar="N",
+                      help="--allocation mixed with sequential calibration: the first pass, which prices the dims, "
+                           "takes the first N calibration windows (default: the method's, 1 or 0 with --method "
+                           "quality; 0: all)")
     size.add_argument("--cap-kv-dims", action="store_true",
                       help="--allocation mixed: keep the q/k and v/o head dims at most the uniform ones, so the KV "
                            "cache is at most the uniform model's (costs perplexity, README)")
@@ -291,7 +295,7 @@ def run_compress(args) -> dict:
         seed=args.seed, method=args.method, allocation=args.allocation, mlp_refit=args.mlp_refit,
         sequential=args.sequential, hold_mlp_intermediate=args.hold_mlp_intermediate, device=args.device,
         teacher_refit=args.teacher_refit, cap_kv_dims=args.cap_kv_dims,
-        **({} if args.sensitivity_tokens is None else {"sensitivity_tokens": args.sensitivity_tokens}),
+        sensitivity_tokens=args.sensitivity_tokens, allocation_windows=args.allocation_windows,
         **({} if args.max_dim_factor is None else
            {"max_dim_factor": None if args.max_dim_factor == "none" else args.max_dim_factor}),
     )
@@ -353,7 +357,8 @@ def _use_streaming(args, config) -> bool:
 
     local_safetensors = os.path.isdir(args.model) and has_safetensors(args.model)
     streamable = local_safetensors or not (args.model == DEFAULT_MODEL or os.path.exists(args.model))
-    probes_whole_model = config.allocation == "mixed" and config.sensitivity_tokens != 0
+    # method="default" probes the whole model where it is loaded; streamed, it uses uniform dims (with a warning).
+    probes_whole_model = config.probes_whole_model and not config.probes_by_default
     if args.low_memory:
         if not streamable:
             raise A3ConfigError(f"--low-memory needs a safetensors checkpoint (a directory or a Hub id), not {args.model}")

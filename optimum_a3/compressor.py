@@ -154,8 +154,8 @@ class A3Compressor(OptimumQuantizer):
                 tokenizer = load_tokenizer(directory, trust_remote_code=trust_remote_code)
         calibration = lambda: self._calibration(model, tokenizer, calibration_ids, None)  # noqa: E731
 
-        run = functools.partial(run_compression, self.config, model, calibration, lazy, stats_cache=stats_cache,
-                                progress=progress, ranks=ranks)
+        run = functools.partial(run_compression, self.config.for_layer_streaming(), model, calibration, lazy,
+                                stats_cache=stats_cache, progress=progress, ranks=ranks)
         if not ranks.is_main:  # rank 0 writes the checkpoint
             self.last_result = run(DiscardSink)
             ranks.check_ok()  # rank 0's last synchronisation: the output is complete

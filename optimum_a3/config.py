@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -36,11 +38,14 @@ class A3Config:
         batch_size: calibration windows per forward pass.
         eig_floor: relative eigenvalue floor for PSD roots (``floor · max eigenvalue``).
         device: device for the per-layer calibration forward and the solvers (default: the model's).
-        method: ``"default"`` (sequential calibration, uniform dims, no refit: the lowest perplexity
-            measured within 1.5x the calibration forward's time, see README) or ``"paper"`` (uniform dims,
-            no refit, statistics of the original model: reproduces the paper) or ``"quality"`` (the default
-            plus ``teacher_refit`` and ``allocation="mixed"``: the lowest perplexity measured, for several
-            times its time; README, Results). Options left at ``None`` take the method's value.
+        method: ``"default"`` (sequential calibration and the mixed allocation priced cheaply: 256 probe
+            tokens, a first pass on one window; the lowest perplexity measured within 1.5x the calibration
+            forward's time, see README, Results) or ``"paper"`` (uniform dims, no refit, statistics of the
+            original model: reproduces the paper) or ``"quality"`` (sequential calibration, ``teacher_refit``
+            and the mixed allocation priced on 1024 probe tokens after a first pass on every window: the
+            lowest perplexity measured, for several times its time). Options left at ``None`` take the
+            method's value. The methods' mixed allocation becomes uniform where explicit dims are given, and
+            ``method="default"``'s where the model is layer-streamed (``compress_checkpoint``), with a warning.
         allocation: ``"uniform"`` (§7: same dims in every layer) or ``"mixed"`` (per-layer, per-component
             dims under the same parameter budget: a first pass takes the original model's statistics, each
             layer's components are priced by their analytical error curves scaled by their measured effect on
@@ -52,8 +57,9 @@ class A3Config:
             (one probe per layer and component, each running the rest of the model from that layer on).
             ``0``: the analytical errors alone, each component normalized by its own total (cheaper, and
             measured worse than uniform on SmolLM2). Needs the whole model in memory (``compress``, not
-            ``compress_checkpoint``). 1024 and 2048 tokens gave the same perplexity on SmolLM2 (README,
-            Beyond the paper); the probes' time grows with the tokens.
+            ``compress_checkpoint``). The method's value: 256 in ``"default"``, 1024 in ``"quality"``. On
+            SmolLM2 256, 1024 and 2048 tokens gave about the same perplexity (README, Beyond the paper); the
+            probes' time grows with the tokens.
         cap_kv_dims: ``allocation="mixed"`` only. Keep every layer's q/k and v/o head dims at most the
             uniform ones, so the KV cache is at most the uniform model's (the parameters still move between
             layers and into the MLPs). Off by default: on SmolLM2 at 20% the uncapped mixed allocation grows
@@ -63,6 +69,11 @@ class A3Config:
             price the dims near uniform only. ``None``: no bound. On SmolLM2 the default 1.5 made the mixed
             allocation better than uniform at 30% with sequential calibration (unbounded it was worse on
             WikiText-2), for a smaller gain at 20% (README, Beyond the paper).
+        allocation_windows: ``allocation="mixed"`` with sequential calibration only. The first pass, whose
+            statistics only price the dims (the sequential pass then calibrates every layer again), takes the
+            first this many calibration windows (at least one per process under ``torchrun``); ``0``: all of
+            them. The method's value: 1 in ``"default"``, 0 in ``"quality"``. On SmolLM2 one window priced the
+            dims as well as all of them (README, Beyond the paper), for a 16th of that pass's time.
         mlp_refit: least-squares refit of down_proj after channel selection (method page §6). Lowers the
             perplexity further; accumulating its intermediate-sized statistic adds about half a
             calibration forward's time.
@@ -114,18 +125,21 @@ class A3Config:
     hold_mlp_intermediate: bool = True
     teacher_refit: bool | None = None
     teacher_damping: float = 1.0
-    sensitivity_tokens: int = 1024
+    sensitivity_tokens: int | None = None
     cap_kv_dims: bool = False
     max_dim_factor: float | None = 1.5
+    allocation_windows: int | None = None
 
     def __post_init__(self):
         self._coerce_types()
         if self.method not in METHODS:
             raise A3ConfigError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
+        # Which options the method filled in (not a field: ``replace`` and records treat them as given).
+        self._from_method = frozenset(name for name in METHODS[self.method] if getattr(self, name) is None)
         for name, value in METHODS[self.method].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-            elif self.method == "paper" and getattr(self, name) != value:
+            elif self.method == "paper" and name in _PAPER_FIXED and getattr(self, name) != value:
                 raise A3ConfigError(f"method='paper' means {name}={value!r}; use method='default' to change it")
         if self.allocation not in ("uniform", "mixed"):
             raise A3ConfigError(f"allocation must be 'uniform' or 'mixed', got {self.allocation!r}")
@@ -133,6 +147,9 @@ class A3Config:
         unknown = set(self.components) - set(COMPONENTS)
         if unknown or not self.components:
             raise A3ConfigError(f"components must be a non-empty subset of {COMPONENTS}, got {self.components}")
+        if "allocation" in self._from_method and self.allocation == "mixed" and (
+                self.ratio is None or any(getattr(self, DIM_FIELDS[c]) is not None for c in self.components)):
+            self.allocation = "uniform"  # explicit dims are the caller's allocation
         if self.ratio is not None and not (0.0 <= float(self.ratio) < 1.0):
             raise A3ConfigError(f"ratio must be in [0, 1), got {self.ratio}")
         explicit = {c: getattr(self, n) for c, n in DIM_FIELDS.items()}
@@ -151,6 +168,8 @@ class A3Config:
                 raise A3ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.max_dim_factor is not None and self.max_dim_factor < 1.0:
             raise A3ConfigError(f"max_dim_factor must be >= 1 (1 keeps the uniform dims), got {self.max_dim_factor}")
+        if self.allocation_windows < 0:
+            raise A3ConfigError(f"allocation_windows must be >= 0 (0: all windows), got {self.allocation_windows}")
         if self.sensitivity_tokens < 0:
             raise A3ConfigError(f"sensitivity_tokens must be >= 0, got {self.sensitivity_tokens}")
         if self.allocation == "mixed" and (self.ratio is None or any(
@@ -173,7 +192,8 @@ class A3Config:
             if getattr(self, name) is not None or name not in _OPTIONAL_FLOATS:
                 setattr(self, name, _as_float(name, getattr(self, name)))
         for name in _INT_FIELDS:
-            setattr(self, name, _as_int(name, getattr(self, name)))
+            if getattr(self, name) is not None or name not in _OPTIONAL_INTS:
+                setattr(self, name, _as_int(name, getattr(self, name)))
         for name in DIM_FIELDS.values():
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
@@ -183,6 +203,27 @@ class A3Config:
         for name in _BOOL_FIELDS:
             if getattr(self, name) is not None:
                 setattr(self, name, _as_bool(name, getattr(self, name)))
+
+    @property
+    def probes_whole_model(self) -> bool:
+        """Whether the run measures sensitivity probes, which run the whole model (not layer-streamed)."""
+        return self.allocation == "mixed" and self.sensitivity_tokens != 0
+
+    @property
+    def probes_by_default(self) -> bool:
+        """Whether those probes come from ``method="default"`` rather than being asked for: a layer-streamed
+        run (:meth:`for_layer_streaming`) uses uniform dims instead."""
+        return self.probes_whole_model and self.method == "default" and "allocation" in self._from_method
+
+    def for_layer_streaming(self) -> A3Config:
+        """The config a layer-streamed run uses: with :attr:`probes_by_default`, uniform dims (with a warning);
+        else this config (an asked-for mixed allocation is refused by such a run)."""
+        if not self.probes_by_default:
+            return self
+        warnings.warn("layer-streamed compression holds one decoder layer at a time, so method='default' uses "
+                      "uniform dims instead of its mixed allocation, which probes the whole model (load the model "
+                      "and call compress(), or pass allocation='uniform' to silence this)", stacklevel=4)
+        return dataclasses.replace(self, allocation="uniform")
 
     # --------------------------------------------------------------------------------- dims
     def layer_dims(self, num_layers: int, head_dim: int, intermediate_size: int | list[int], rope: bool = True) -> list[LayerDims]:
@@ -225,8 +266,10 @@ class A3Config:
         names = {f.name for f in fields(cls)}
         if config_dict.get("extra", None) == {}:  # an unused field that records of version 0.1.0 hold
             config_dict = {k: v for k, v in config_dict.items() if k != "extra"}
-        if "max_dim_factor" not in config_dict:  # records made before it existed: their allocations were unbounded
-            config_dict = {**config_dict, "max_dim_factor": None}
+        # Records made before these existed: unbounded allocations, first pass on all windows, 1024 probe tokens.
+        for name, then in (("max_dim_factor", None), ("allocation_windows", 0), ("sensitivity_tokens", 1024)):
+            if name not in config_dict:
+                config_dict = {**config_dict, name: then}
         unknown = set(config_dict) - names
         if unknown:
             raise A3ConfigError(f"unknown A3Config keys: {sorted(unknown)}")
@@ -235,21 +278,28 @@ class A3Config:
 
 _FLOAT_FIELDS = ("ratio", "eig_floor", "refit_damping", "teacher_damping", "max_dim_factor")
 _OPTIONAL_FLOATS = ("ratio", "max_dim_factor")  # None is a value of these
-_INT_FIELDS = ("nsamples", "seqlen", "batch_size", "seed", "sensitivity_tokens")
+_INT_FIELDS = ("nsamples", "seqlen", "batch_size", "seed", "sensitivity_tokens", "allocation_windows")
+_OPTIONAL_INTS = ("sensitivity_tokens", "allocation_windows")  # None (the method's value) is left as is
 # None (the method's value) is left as is.
 _BOOL_FIELDS = ("mlp_refit", "sequential", "hold_mlp_intermediate", "teacher_refit", "cap_kv_dims")
 
 # Presets: "paper" reproduces arXiv 2505.12942; "default" is the best measured within the time budget.
 METHODS = {
-    "paper": {"allocation": "uniform", "mlp_refit": False, "sequential": False, "teacher_refit": False},
-    # Sequential calibration: lower perplexity than the paper at every measured ratio, for about 0.1x of
-    # the calibration forward more (README, Results). The down_proj refit lowers it further but costs
-    # about 0.5x more (an intermediate-sized float64 statistic), so it is opt-in (mlp_refit=True).
-    "default": {"allocation": "uniform", "mlp_refit": False, "sequential": True, "teacher_refit": False},
+    "paper": {"allocation": "uniform", "mlp_refit": False, "sequential": False, "teacher_refit": False,
+              "sensitivity_tokens": 1024, "allocation_windows": 0},
+    # Sequential calibration and the measured mixed allocation, priced cheaply (256 probe tokens, a first pass
+    # on one window): on SmolLM2 at 20% 0.50x the paper's perplexity increase (0.82x with uniform dims) for
+    # 1.35x the calibration forward (README, Results). The down_proj refit costs about 0.5x more (an
+    # intermediate-sized float64 statistic), so it is opt-in (mlp_refit=True).
+    "default": {"allocation": "mixed", "mlp_refit": False, "sequential": True, "teacher_refit": False,
+                "sensitivity_tokens": 256, "allocation_windows": 1},
     # The lowest perplexity measured within ~5x the calibration forward: the teacher refit and the mixed
-    # allocation priced by measured probes, on top of the default (README, Results).
-    "quality": {"allocation": "mixed", "mlp_refit": False, "sequential": True, "teacher_refit": True},
+    # allocation priced by 1024-token probes after a first pass on every window (README, Results).
+    "quality": {"allocation": "mixed", "mlp_refit": False, "sequential": True, "teacher_refit": True,
+                "sensitivity_tokens": 1024, "allocation_windows": 0},
 }
+# What method="paper" fixes (the rest of its options only matter for allocations it does not make).
+_PAPER_FIXED = ("allocation", "mlp_refit", "sequential", "teacher_refit")
 
 
 def _as_list(value: DimSpec) -> list:

@@ -49,7 +49,8 @@ def main() -> None:
         return probe_kl(self, *a, **k)
 
     sensitivity.SensitivityProbe.kl = counted_probe
-    compressor = A3Compressor(A3Config(ratio=0.25, method=args.method, nsamples=8, seqlen=32, sensitivity_tokens=16))
+    compressor = A3Compressor(A3Config(ratio=0.25, method=args.method, nsamples=8, seqlen=32, sensitivity_tokens=16,
+                                       allocation_windows=2 if args.method == "default" else None))
     ids = random_token_windows(8, 32, seed=1)
     if args.mode == "streamed":
         compressor.compress_checkpoint(args.src, args.out, calibration_ids=ids, progress=False, overwrite=True,

@@ -27,11 +27,13 @@ def base_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def compressed_dir(base_dir):
-    """``optimum-a3 compress`` run once (happy path), with calibration and evaluation options."""
+    """``optimum-a3 compress`` run once (happy path), with calibration and evaluation options; uniform dims: the
+    MLP weights (72 x 48 values) split into hqq's groups of 64 (the quantize tests), which a mixed width need not."""
     out = base_dir / "out"
     text = str(base_dir / "text.txt")
     code = main(["compress", str(base_dir / "base"), "--ratio", "0.25", "--output", str(out), "--dataset", text,
-                 "--nsamples", "4", "--seqlen", "32", "--eval", text, "--eval-seqlen", "32", "--eval-windows", "2"])
+                 "--nsamples", "4", "--seqlen", "32", "--eval", text, "--eval-seqlen", "32", "--eval-windows", "2",
+                 "--allocation", "uniform"])
     assert code == 0
     return out
 
@@ -133,13 +135,27 @@ def test_low_memory_compress_with_stats_cache(base_dir, tmp_path, capsys):
 
 def test_low_memory_sequential_compress_without_holding_the_mlp_intermediate(base_dir, tmp_path, capsys):
     out = tmp_path / "lean"
-    code, stdout, err = run(capsys, ["compress", str(base_dir / "base"), "--ratio", "0.25", "-o", str(out),
-                                     "--dataset", str(base_dir / "text.txt"), "--nsamples", "4", "--seqlen", "32",
-                                     "--low-memory", "--no-hold-mlp-intermediate"])
+    # Streamed, the default method's mixed allocation (it probes the whole model) gives way to uniform dims.
+    with pytest.warns(UserWarning, match="uses uniform dims instead of its mixed allocation"):
+        code, stdout, err = run(capsys, ["compress", str(base_dir / "base"), "--ratio", "0.25", "-o", str(out),
+                                         "--dataset", str(base_dir / "text.txt"), "--nsamples", "4", "--seqlen", "32",
+                                         "--low-memory", "--no-hold-mlp-intermediate"])
     assert code == 0, err
     assert json.loads(stdout)["low_memory"] is True
     record = json.loads((out / "config.json").read_text())["a3_compression"]
     assert record["sequential"] is True and record["a3_config"]["hold_mlp_intermediate"] is False
+    assert record["allocation"] == "uniform"
+
+
+def test_default_method_loaded_whole_allocates_mixed_dims(base_dir, tmp_path, capsys):
+    out = tmp_path / "mixed"
+    code, stdout, err = run(capsys, ["compress", str(base_dir / "base"), "--ratio", "0.25", "-o", str(out),
+                                     "--dataset", str(base_dir / "text.txt"), "--nsamples", "4", "--seqlen", "32",
+                                     "--no-low-memory", "--allocation-windows", "2", "--sensitivity-tokens", "16"])
+    assert code == 0, err
+    record = json.loads((out / "config.json").read_text())["a3_compression"]
+    assert record["allocation"] == "mixed" and record["preset"] == "default"
+    assert (record["a3_config"]["allocation_windows"], record["a3_config"]["sensitivity_tokens"]) == (2, 16)
 
 
 def test_mixed_allocation_with_capped_kv_dims(base_dir, tmp_path, capsys):

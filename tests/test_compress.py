@@ -51,7 +51,7 @@ def test_ratio_zero_reproduces_mistral_with_sliding_window():
 @pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
 def test_ratio_quarter_sizes_match_budget(kv_heads):
     model = tiny_llama(num_kv_heads=kv_heads)
-    small = compress(model, ratio=0.25)
+    small = compress(model, ratio=0.25, allocation="uniform")
     c = model.config
     dims = uniform_dims(0.25, c.head_dim, c.intermediate_size)
     assert (small.config.head_dim_qk, small.config.head_dim_vo, small.config.intermediate_size) == (
@@ -92,7 +92,7 @@ def test_mixed_per_layer_dims_and_components():
         layer = small.model.layers[i]
         assert layer.self_attn.q_proj.out_features == 4 * qk and layer.self_attn.v_proj.out_features == 2 * vo
         assert layer.mlp.up_proj.out_features == inter
-    only_mlp = compress(model, ratio=0.5, components=["mlp"])
+    only_mlp = compress(model, ratio=0.5, components=["mlp"], allocation="uniform")
     assert only_mlp.config.head_dim_qk == 16 and only_mlp.config.intermediate_size == 48
     out = logits(small)
     assert torch.isfinite(out).all()
@@ -220,17 +220,17 @@ def test_compressor_dict_round_trip():
 
 def test_reused_statistics_give_identical_checkpoint_weights():
     model = tiny_llama()
-    first = A3Compressor(A3Config(ratio=0.25, sequential=False))
+    first = A3Compressor(A3Config(ratio=0.25, sequential=False, allocation="uniform"))
     a = first.compress(model, calibration_ids=CALIB, progress=False, keep_statistics=True)
     assert len(first.last_statistics) == 2
-    again = A3Compressor(A3Config(ratio=0.25, sequential=False)).compress(model, statistics=first.last_statistics, progress=False)
+    again = A3Compressor(A3Config(ratio=0.25, sequential=False, allocation="uniform")).compress(model, statistics=first.last_statistics, progress=False)
     sa, sb = a.state_dict(), again.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     # The statistics carry the description of their calibration data into the new record ...
     assert again.config.a3_compression["calibration"] == first.last_calibration
     assert first.last_calibration["dataset"] == "user-provided token ids"
     # ... which a plain list of statistics does not have.
-    plain = A3Compressor(A3Config(ratio=0.25, sequential=False)).compress(model, statistics=list(first.last_statistics),
+    plain = A3Compressor(A3Config(ratio=0.25, sequential=False, allocation="uniform")).compress(model, statistics=list(first.last_statistics),
                                                                            progress=False)
     assert plain.config.a3_compression["calibration"] == {"dataset": "reused statistics", "seed": 0}
 
@@ -311,11 +311,11 @@ def test_mlp_refit_lowers_mlp_output_error_on_calibration_data():
 def test_refit_is_skipped_loudly_when_calibration_is_too_small():
     model = tiny_llama()  # intermediate 96: needs >= 192 tokens
     few = random_token_windows(2, 32, seed=3)
-    compressor = A3Compressor(A3Config(ratio=0.25, mlp_refit=True, sequential=False))
+    compressor = A3Compressor(A3Config(ratio=0.25, mlp_refit=True, sequential=False, allocation="uniform"))
     with pytest.warns(UserWarning, match="mlp_refit skipped: 64 calibration tokens"):
         small = compressor.compress(model, calibration_ids=few, progress=False)
     assert small.config.a3_compression["mlp_refit"] is False
     plain = A3Compressor(A3Config(method="paper", ratio=0.25)).compress(model, calibration_ids=few, progress=False)
     assert all(torch.equal(v, plain.state_dict()[k]) for k, v in small.state_dict().items())
-    enough = A3Compressor(A3Config(ratio=0.25, mlp_refit=True, sequential=False))
+    enough = A3Compressor(A3Config(ratio=0.25, mlp_refit=True, sequential=False, allocation="uniform"))
     assert enough.compress(model, calibration_ids=CALIB, progress=False).config.a3_compression["mlp_refit"] is True

@@ -63,7 +63,9 @@ def source(tmp_path_factory) -> Path:
 
 def _one_process(mode: str, method: str, src: Path, out: Path) -> Path:
     torch.set_num_threads(1)
-    compressor = A3Compressor(A3Config(ratio=0.25, method=method, nsamples=8, seqlen=32, sensitivity_tokens=16))
+    # allocation_windows: the default's first pass takes one window per process at least (2 under torchrun here)
+    compressor = A3Compressor(A3Config(ratio=0.25, method=method, nsamples=8, seqlen=32, sensitivity_tokens=16,
+                                       allocation_windows=2 if method == "default" else None))
     ids = random_token_windows(8, 32, seed=1)
     if mode == "streamed":
         return Path(compressor.compress_checkpoint(src, out, calibration_ids=ids, progress=False))
@@ -94,7 +96,9 @@ def test_two_processes_give_the_one_process_checkpoint(source, tmp_path, mode, m
     # default (sequential calibration): every rank solves every layer, its share of the next one needs it.
     assert _solved_layers(run.stdout) == ({0: [0], 1: [1]} if method == "paper" else {0: [0, 1], 1: [0, 1]})
     probes = {int(r): int(n) for r, n in re.findall(r"rank (\d+) ran (\d+) probes", run.stdout)}
-    assert probes == ({0: 3, 1: 3} if method == "quality" else {0: 0, 1: 0})  # 2 layers x 3 components, shared
+    # default and quality probe where the model is in memory (streamed, the default falls back to uniform dims)
+    probing = method != "paper" and mode == "memory"
+    assert probes == ({0: 3, 1: 3} if probing else {0: 0, 1: 0})  # 2 layers x 3 components, shared
     if mode == "memory":  # rank 1 received the layer it did not solve: it returned the very same model
         assert _hashes(tmp_path / "two.rank1") == _hashes(two)
     a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")

@@ -208,7 +208,7 @@ def test_softmax_scale_stays_the_original_one_when_qk_shrinks(family, attn, head
 def test_known_low_rank_model_is_reproduced_at_ratio_quarter(family, components):
     model, kept_pairs, kept_channels = exact_model(family)
     reference = logits(model)
-    small = compress(model, ratio=0.25, components=components)
+    small = compress(model, ratio=0.25, components=components, allocation="uniform")
     expected = {"qk": 12, "ov": 12, "mlp": 72}
     c = small.config
     assert (c.head_dim_qk, c.head_dim_vo, c.intermediate_size) == tuple(

@@ -44,7 +44,7 @@ def test_header_parses_and_carries_the_hub_fields():
 
 
 def test_body_reports_the_record_and_exact_sizes():
-    model, small = compressed()
+    model, small = compressed(allocation="uniform")
     card = render_model_card(small, repo_id="a3-tester/tiny-a3")
     assert "| Target ratio | 25% of the decoder-layer projection parameters removed |" in card
     assert "| query/key | `head_dim_qk` | 16 | 12 |" in card

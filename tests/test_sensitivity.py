@@ -2,6 +2,8 @@
 their KL is the KL of that model, and the allocator built on them meets the uniform budget."""
 
 import copy
+import dataclasses
+import json
 
 import pytest
 import torch
@@ -151,13 +153,29 @@ def test_sequential_calibration_after_a_mixed_allocation():
     model = tiny_llama(layers=3).eval()
     first = A3Compressor(A3Config(ratio=0.3, allocation="mixed", sequential=False, sensitivity_tokens=40))
     plain = first.compress(model, calibration_ids=CALIB, progress=False)
-    config = A3Config(ratio=0.3, allocation="mixed", sensitivity_tokens=40)
+    config = A3Config(ratio=0.3, allocation="mixed", sensitivity_tokens=40, allocation_windows=0)
     assert config.sequential  # the default method's
     sequential = A3Compressor(config).compress(model, calibration_ids=CALIB, progress=False)
     for name in ("head_dim_qk", "head_dim_vo", "intermediate_size"):
         assert getattr(sequential.config, name) == getattr(plain.config, name)
     assert sequential.config.a3_compression["sequential"] is True
     assert not torch.equal(logits(sequential, PROBE), logits(plain, PROBE))  # other statistics, other weights
+
+
+def test_the_first_pass_takes_the_first_allocation_windows_only():
+    """With sequential calibration the first pass only prices the dims: method='default' takes it on one
+    window, so its dims are those of a one-pass allocation on that window, while every window calibrates."""
+    model = tiny_llama(layers=3).eval()
+    config = A3Config(ratio=0.3, sensitivity_tokens=16)  # a prefix of the first window
+    assert (config.allocation, config.allocation_windows, config.sequential) == ("mixed", 1, True)  # the default's
+    default = A3Compressor(config).compress(model, calibration_ids=CALIB, progress=False)
+    on_one = A3Compressor(A3Config(ratio=0.3, sequential=False, sensitivity_tokens=16)).compress(
+        model, calibration_ids=CALIB[:1], progress=False)
+    on_all = A3Compressor(A3Config(ratio=0.3, sequential=False, sensitivity_tokens=16)).compress(
+        model, calibration_ids=CALIB, progress=False)
+    dims = lambda m: m.config.a3_compression["dims"]  # noqa: E731
+    assert dims(default) == dims(on_one) != dims(on_all)  # the windows priced the dims
+    assert default.config.a3_compression["calibration"]["nsamples"] == len(CALIB)  # ... and all calibrate
 
 
 def test_mixed_allocation_probes_need_the_whole_model_and_the_windows(tmp_path):
@@ -184,6 +202,49 @@ def test_mixed_allocation_probes_need_the_whole_model_and_the_windows(tmp_path):
     for bad in (-1, 1.5, "8"):
         with pytest.raises(A3ConfigError, match="sensitivity_tokens"):
             A3Config(ratio=0.3, allocation="mixed", sensitivity_tokens=bad)
+
+
+def test_the_methods_resolve_their_allocation_and_a_streamed_default_falls_back_to_uniform(tmp_path):
+    from optimum_a3.config import A3ConfigError
+
+    resolved = lambda c: (c.allocation, c.sensitivity_tokens, c.allocation_windows)  # noqa: E731
+    assert resolved(A3Config(ratio=0.2)) == ("mixed", 256, 1)
+    assert resolved(A3Config(ratio=0.2, method="quality")) == ("mixed", 1024, 0)
+    assert resolved(A3Config(ratio=0.2, method="paper"))[0] == "uniform"
+    assert resolved(A3Config(ratio=0.2, sensitivity_tokens=64, allocation_windows=3)) == ("mixed", 64, 3)
+    # Explicit dims are the caller's allocation; asked for with them, mixed is still refused.
+    assert A3Config(head_dim_qk=8, components=["qk"]).allocation == "uniform"
+    assert A3Config(ratio=0.2, intermediate_size=40, method="quality").allocation == "uniform"
+    with pytest.raises(A3ConfigError, match="give a ratio and no explicit dims"):
+        A3Config(ratio=0.2, intermediate_size=40, allocation="mixed")
+    with pytest.raises(A3ConfigError, match="allocation_windows must be >= 0"):
+        A3Config(ratio=0.2, allocation_windows=-1)
+    with pytest.raises(A3ConfigError, match="method='paper' means allocation='uniform'"):
+        A3Config(ratio=0.2, method="paper", allocation="mixed")
+    # Records from before these options: all windows and 1024 probe tokens, whatever the method now says.
+    old = {k: v for k, v in A3Config(ratio=0.2).to_dict().items() if k not in ("allocation_windows", "sensitivity_tokens")}
+    assert resolved(A3Config.from_dict(old)) == ("mixed", 1024, 0)
+    assert A3Config.from_dict(A3Config(ratio=0.2).to_dict()) == A3Config(ratio=0.2)
+
+    # Layer-streamed: the default's probes would need the whole model, so it uses uniform dims, loudly; an
+    # asked-for mixed allocation (or the quality method's) is refused instead (the test above).
+    default = A3Config(ratio=0.3, sensitivity_tokens=16)
+    with pytest.warns(UserWarning, match="uses uniform dims instead of its mixed allocation"):
+        assert default.for_layer_streaming() == dataclasses.replace(default, allocation="uniform")
+    for kept in (A3Config(ratio=0.3, allocation="mixed"), A3Config(ratio=0.3, method="quality"),
+                 A3Config(ratio=0.3, allocation="uniform"), A3Config(ratio=0.3, sensitivity_tokens=0)):
+        assert kept.for_layer_streaming() is kept
+    model = tiny_llama().eval()
+    model.save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    with pytest.warns(UserWarning, match="uses uniform dims instead"):
+        A3Compressor(default).compress_checkpoint(tmp_path / "base", tmp_path / "out", calibration_ids=CALIB,
+                                                  progress=False)
+    record = json.loads((tmp_path / "out" / "config.json").read_text())["a3_compression"]
+    assert record["allocation"] == "uniform" and record["preset"] == "default"
+    with pytest.raises(A3ConfigError, match="layer-streamed compression does not hold"):
+        A3Compressor(A3Config(ratio=0.3, method="quality")).compress_checkpoint(
+            tmp_path / "base", tmp_path / "refused", calibration_ids=CALIB, progress=False)
 
 
 def test_probe_tokens_are_a_prefix_of_the_first_window_or_whole_windows():

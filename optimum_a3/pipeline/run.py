@@ -122,8 +122,9 @@ def _attempt(plan: LayerPlan, model, calibration: Calibration, originals, make_s
     # The mixed allocation needs every layer's statistics before any dim: a first pass on the original
     # model (from the cache or handed in where they are); a sequential run then calibrates again.
     first_plan = _original_statistics_plan(plan) if mixed else plan
+    first_calibration = _first_pass_calibration(calibration, plan.config, ranks) if mixed else calibration
     cache, cache_hit = (None, False) if statistics is not None else \
-        _open_cache(first_plan, model, calibration, stats_cache, reuse_cache, ranks)
+        _open_cache(first_plan, model, first_calibration, stats_cache, reuse_cache, ranks)
     sink = make_sink()
     # Layer-parallel solving where no layer's statistics depend on the compressed layers before it, unless
     # a new cache entry is recorded (rank 0 writes every layer's) or the statistics are kept; the mixed
@@ -131,7 +132,7 @@ def _attempt(plan: LayerPlan, model, calibration: Calibration, originals, make_s
     recording = cache is not None and not cache_hit
     owners = LayerOwners(ranks, split=not plan.config.sequential and not keep_statistics and not recording,
                          to_all=sink.on_every_rank)
-    source = _source(first_plan, model, calibration, statistics, cache, cache_hit, ranks,
+    source = _source(first_plan, model, first_calibration, statistics, cache, cache_hit, ranks,
                      owners=None if mixed else owners)
     completed = False
     try:
@@ -211,6 +212,14 @@ def _original_statistics_plan(plan: LayerPlan) -> LayerPlan:
     if not cfg.sequential:
         return plan
     return dataclasses.replace(plan, config=dataclasses.replace(cfg, sequential=False, teacher_refit=False))
+
+
+def _first_pass_calibration(calibration: Calibration, cfg: A3Config, ranks: Ranks) -> Calibration:
+    """The windows of the mixed allocation's first pass: the first ``allocation_windows`` (at least one per
+    process) with sequential calibration (the first pass then only prices the dims), else all of them."""
+    if not cfg.allocation_windows or not cfg.sequential or calibration.ids is None:
+        return calibration
+    return dataclasses.replace(calibration, ids=calibration.ids[:max(cfg.allocation_windows, ranks.world_size)])
 
 
 def _mixed_plan(plan: LayerPlan, model, originals, source: StatisticsSource, calibration: Calibration, ranks: Ranks,
