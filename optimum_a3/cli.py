@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "mixed except for --method paper, explicit dims or --low-memory)")
     size.add_argument("--sensitivity-tokens", type=int, default=None,
                       help="--allocation mixed: calibration tokens on which each layer's components are probed "
-                           "(default: the method's, 256 or 1024 with --method quality; 0: analytical errors alone)")
+                           "(default: the method's, 128 or 1024 with --method quality; 0: analytical errors alone)")
     size.add_argument("--allocation-windows", type=int, default=None, metavar="N",
                       help="--allocation mixed with sequential calibration: the first pass, which prices the dims, "
                            "takes the first N calibration windows (default: the method's, 1 or 0 with --method "

@@ -38,7 +38,7 @@ class A3Config:
         batch_size: calibration windows per forward pass.
         eig_floor: relative eigenvalue floor for PSD roots (``floor · max eigenvalue``).
         device: device for the per-layer calibration forward and the solvers (default: the model's).
-        method: ``"default"`` (sequential calibration and the mixed allocation priced cheaply: 256 probe
+        method: ``"default"`` (sequential calibration and the mixed allocation priced cheaply: 128 probe
             tokens, a first pass on one window; the lowest perplexity measured within 1.5x the calibration
             forward's time, see README, Results) or ``"paper"`` (uniform dims, no refit, statistics of the
             original model: reproduces the paper) or ``"quality"`` (sequential calibration, ``teacher_refit``
@@ -57,8 +57,8 @@ class A3Config:
             (one probe per layer and component, each running the rest of the model from that layer on).
             ``0``: the analytical errors alone, each component normalized by its own total (cheaper, and
             measured worse than uniform on SmolLM2). Needs the whole model in memory (``compress``, not
-            ``compress_checkpoint``). The method's value: 256 in ``"default"``, 1024 in ``"quality"``. On
-            SmolLM2 256, 1024 and 2048 tokens gave about the same perplexity (README, Beyond the paper); the
+            ``compress_checkpoint``). The method's value: 128 in ``"default"``, 1024 in ``"quality"``. On
+            SmolLM2 128 to 2048 tokens gave about the same perplexity (README, Beyond the paper); the
             probes' time grows with the tokens.
         cap_kv_dims: ``allocation="mixed"`` only. Keep every layer's q/k and v/o head dims at most the
             uniform ones, so the KV cache is at most the uniform model's (the parameters still move between
@@ -287,12 +287,12 @@ _BOOL_FIELDS = ("mlp_refit", "sequential", "hold_mlp_intermediate", "teacher_ref
 METHODS = {
     "paper": {"allocation": "uniform", "mlp_refit": False, "sequential": False, "teacher_refit": False,
               "sensitivity_tokens": 1024, "allocation_windows": 0},
-    # Sequential calibration and the measured mixed allocation, priced cheaply (256 probe tokens, a first pass
+    # Sequential calibration and the measured mixed allocation, priced cheaply (128 probe tokens, a first pass
     # on one window): on SmolLM2 at 20% 0.50x the paper's perplexity increase (0.82x with uniform dims) for
     # 1.35x the calibration forward (README, Results). The down_proj refit costs about 0.5x more (an
     # intermediate-sized float64 statistic), so it is opt-in (mlp_refit=True).
     "default": {"allocation": "mixed", "mlp_refit": False, "sequential": True, "teacher_refit": False,
-                "sensitivity_tokens": 256, "allocation_windows": 1},
+                "sensitivity_tokens": 128, "allocation_windows": 1},
     # The lowest perplexity measured within ~5x the calibration forward: the teacher refit and the mixed
     # allocation priced by 1024-token probes after a first pass on every window (README, Results).
     "quality": {"allocation": "mixed", "mlp_refit": False, "sequential": True, "teacher_refit": True,

@@ -208,7 +208,7 @@ def test_the_methods_resolve_their_allocation_and_a_streamed_default_falls_back_
     from optimum_a3.config import A3ConfigError
 
     resolved = lambda c: (c.allocation, c.sensitivity_tokens, c.allocation_windows)  # noqa: E731
-    assert resolved(A3Config(ratio=0.2)) == ("mixed", 256, 1)
+    assert resolved(A3Config(ratio=0.2)) == ("mixed", 128, 1)
     assert resolved(A3Config(ratio=0.2, method="quality")) == ("mixed", 1024, 0)
     assert resolved(A3Config(ratio=0.2, method="paper"))[0] == "uniform"
     assert resolved(A3Config(ratio=0.2, sensitivity_tokens=64, allocation_windows=3)) == ("mixed", 64, 3)
