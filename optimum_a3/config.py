@@ -288,8 +288,8 @@ METHODS = {
     "paper": {"allocation": "uniform", "mlp_refit": False, "sequential": False, "teacher_refit": False,
               "sensitivity_tokens": 1024, "allocation_windows": 0},
     # Sequential calibration and the measured mixed allocation, priced cheaply (128 probe tokens, a first pass
-    # on one window): on SmolLM2 at 20% 0.50x the paper's perplexity increase (0.82x with uniform dims) for
-    # 1.35x the calibration forward (README, Results). The down_proj refit costs about 0.5x more (an
+    # on one window): on SmolLM2 at 20% 0.52x the paper's perplexity increase (0.82x with uniform dims) for
+    # 1.41x the calibration forward (README, Results; 256 tokens: 0.50x for 1.35-1.53x). The down_proj refit costs about 0.5x more (an
     # intermediate-sized float64 statistic), so it is opt-in (mlp_refit=True).
     "default": {"allocation": "mixed", "mlp_refit": False, "sequential": True, "teacher_refit": False,
                 "sensitivity_tokens": 128, "allocation_windows": 1},

@@ -120,7 +120,8 @@ def _attempt(plan: LayerPlan, model, calibration: Calibration, originals, make_s
     start = time.perf_counter()
     mixed = plan.config.allocation == "mixed"
     # The mixed allocation needs every layer's statistics before any dim: a first pass on the original
-    # model (from the cache or handed in where they are); a sequential run then calibrates again.
+    # model (from the cache or handed in where they are); a sequential run then calibrates again, so its
+    # first pass, which only prices the dims, may take fewer windows (allocation_windows).
     first_plan = _original_statistics_plan(plan) if mixed else plan
     first_calibration = _first_pass_calibration(calibration, plan.config, ranks) if mixed else calibration
     cache, cache_hit = (None, False) if statistics is not None else \
