@@ -147,8 +147,7 @@ class A3Config:
         unknown = set(self.components) - set(COMPONENTS)
         if unknown or not self.components:
             raise A3ConfigError(f"components must be a non-empty subset of {COMPONENTS}, got {self.components}")
-        if "allocation" in self._from_method and self.allocation == "mixed" and (
-                self.ratio is None or any(getattr(self, DIM_FIELDS[c]) is not None for c in self.components)):
+        if "allocation" in self._from_method and self.allocation == "mixed" and not self._ratio_to_distribute():
             self.allocation = "uniform"  # explicit dims are the caller's allocation
         if self.ratio is not None and not (0.0 <= float(self.ratio) < 1.0):
             raise A3ConfigError(f"ratio must be in [0, 1), got {self.ratio}")
@@ -172,8 +171,7 @@ class A3Config:
             raise A3ConfigError(f"allocation_windows must be >= 0 (0: all windows), got {self.allocation_windows}")
         if self.sensitivity_tokens < 0:
             raise A3ConfigError(f"sensitivity_tokens must be >= 0, got {self.sensitivity_tokens}")
-        if self.allocation == "mixed" and (self.ratio is None or any(
-                getattr(self, DIM_FIELDS[c]) is not None for c in self.components)):
+        if self.allocation == "mixed" and not self._ratio_to_distribute():
             raise A3ConfigError("allocation='mixed' distributes a ratio's budget: give a ratio and no explicit dims")
         if not (0.0 <= self.eig_floor < 1.0):
             raise A3ConfigError(f"eig_floor must be in [0, 1), got {self.eig_floor}")
@@ -203,6 +201,10 @@ class A3Config:
         for name in _BOOL_FIELDS:
             if getattr(self, name) is not None:
                 setattr(self, name, _as_bool(name, getattr(self, name)))
+
+    def _ratio_to_distribute(self) -> bool:
+        """Whether a mixed allocation has something to distribute: a ratio, and no explicit dims."""
+        return self.ratio is not None and all(getattr(self, DIM_FIELDS[c]) is None for c in self.components)
 
     @property
     def probes_whole_model(self) -> bool:
@@ -289,8 +291,8 @@ METHODS = {
               "sensitivity_tokens": 1024, "allocation_windows": 0},
     # Sequential calibration and the measured mixed allocation, priced cheaply (128 probe tokens, a first pass
     # on one window): on SmolLM2 at 20% 0.52x the paper's perplexity increase (0.82x with uniform dims) for
-    # 1.41x the calibration forward (README, Results; 256 tokens: 0.50x for 1.35-1.53x). The down_proj refit costs about 0.5x more (an
-    # intermediate-sized float64 statistic), so it is opt-in (mlp_refit=True).
+    # 1.41x the calibration forward (README, Results; 256 tokens: 0.50x for 1.35-1.53x). The down_proj refit
+    # costs about 0.5x more (an intermediate-sized float64 statistic), so it is opt-in (mlp_refit=True).
     "default": {"allocation": "mixed", "mlp_refit": False, "sequential": True, "teacher_refit": False,
                 "sensitivity_tokens": 128, "allocation_windows": 1},
     # The lowest perplexity measured within ~5x the calibration forward: the teacher refit and the mixed

@@ -95,7 +95,7 @@ def run_compression(config: A3Config, model: nn.Module, calibration: Callable[[]
     if ranks.distributed and statistics is not None:
         raise A3ConfigError("a distributed run computes its statistics: reusing statistics in memory is for one "
                             "process (a stats_cache on a filesystem every rank reads works under torchrun)")
-    if cfg.allocation == "mixed" and cfg.sensitivity_tokens:
+    if cfg.probes_whole_model:
         if not isinstance(originals, ResidentLayers):
             raise A3ConfigError("allocation='mixed' measures each layer's sensitivity by running the whole model, "
                                 "which layer-streamed compression does not hold: use compress(), allocation='uniform' or "
