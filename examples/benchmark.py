@@ -58,9 +58,11 @@ A3_VARIANTS = {
     "a3": {"method": "paper"},
     "a3-refit": {"allocation": "uniform", "mlp_refit": True, "sequential": False},
     "a3-mixed": {"allocation": "mixed", "mlp_refit": False, "sequential": False, "sensitivity_tokens": 1024},
-    "a3-sequential": {"method": "default", "allocation": "uniform"},
+    "a3-sequential": {"method": "default", "allocation": "uniform", "mlp_refit": False},
     "a3-sequential-refit": {"method": "default", "allocation": "uniform", "mlp_refit": True},
-    "a3-sequential-lean": {"method": "default", "allocation": "uniform", "hold_mlp_intermediate": False},
+    "a3-sequential-lean": {"method": "default", "allocation": "uniform", "mlp_refit": False,
+                           "hold_mlp_intermediate": False},
+    "a3-default-norefit": {"method": "default", "mlp_refit": False},
     "a3-default": {"method": "default"},
     "a3-quality": {"method": "quality"},
 }

@@ -10,7 +10,8 @@ models (no downloads) in six modes and records the sha256 of every file of every
             qwen3-gqa-tied     Qwen3 (random q/k RMSNorm weights), tied lm_head
     modes   paper              method="paper", in memory, saved with A3Compressor.save
             default            method="default" (probes priced on one window, then a sequential pass), in memory
-            default-refit      method="default", mlp_refit=True, in memory
+            refit-every-token  method="default", refit_stride=1 (the tiny calibration is too small for the
+                               default's refit on every 4th token, which is skipped there), in memory
             uniform            method="default", allocation="uniform": sequential calibration alone, in memory
             streamed           method="default", A3Compressor.compress_checkpoint from a save_pretrained dir
                                (a streamed run cannot probe: the default's uniform dims, with a warning)
@@ -107,7 +108,7 @@ MODELS = {
 MODES = {
     "paper": ("in-memory", dict(method="paper")),
     "default": ("in-memory", dict(method="default")),
-    "default-refit": ("in-memory", dict(method="default", mlp_refit=True)),
+    "refit-every-token": ("in-memory", dict(method="default", refit_stride=1)),
     "uniform": ("in-memory", dict(method="default", allocation="uniform")),
     "streamed": ("streamed", dict(method="default")),
     "streamed-cache-hit": ("streamed-cache-hit", dict(method="paper")),

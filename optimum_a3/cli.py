@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "mixed except for --method paper, explicit dims or --low-memory)")
     size.add_argument("--sensitivity-tokens", type=int, default=None,
                       help="--allocation mixed: calibration tokens on which each layer's components are probed "
-                           "(default: the method's, 128 or 1024 with --method quality; 0: analytical errors alone)")
+                           "(default: the method's, 64 or 1024 with --method quality; 0: analytical errors alone)")
     size.add_argument("--allocation-windows", type=int, default=None, metavar="N",
                       help="--allocation mixed with sequential calibration: the first pass, which prices the dims, "
                            "takes the first N calibration windows (default: the method's, 1 or 0 with --method "
@@ -153,8 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="--allocation mixed: keep every dim within F times its uniform dim, and at least 1/F "
                            "of it (F >= 1; default 1.5; 'none': no bound)")
     size.add_argument("--mlp-refit", action=argparse.BooleanOptionalAction, default=None,
-                      help="least-squares refit of down_proj after channel selection (beyond the paper; lower perplexity, "
-                           "about +0.5x the calibration forward's time; off by default)")
+                      help="least-squares refit of down_proj after channel selection (beyond the paper; lower perplexity; "
+                           "on in --method default unless --teacher-refit is given; --no-mlp-refit turns it off)")
+    size.add_argument("--refit-stride", type=int, default=None, metavar="N",
+                      help="--mlp-refit with sequential calibration: its statistic takes every Nth calibration token "
+                           "(default: the method's, 4 with --method default; 1: every token)")
     size.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
                       help="calibrate each layer on the output of the already compressed model (beyond the paper; on by "
                            "default)")
@@ -296,6 +299,7 @@ def run_compress(args) -> dict:
         sequential=args.sequential, hold_mlp_intermediate=args.hold_mlp_intermediate, device=args.device,
         teacher_refit=args.teacher_refit, cap_kv_dims=args.cap_kv_dims,
         sensitivity_tokens=args.sensitivity_tokens, allocation_windows=args.allocation_windows,
+        refit_stride=args.refit_stride,
         **({} if args.max_dim_factor is None else
            {"max_dim_factor": None if args.max_dim_factor == "none" else args.max_dim_factor}),
     )

@@ -38,10 +38,10 @@ class A3Config:
         batch_size: calibration windows per forward pass.
         eig_floor: relative eigenvalue floor for PSD roots (``floor · max eigenvalue``).
         device: device for the per-layer calibration forward and the solvers (default: the model's).
-        method: ``"default"`` (sequential calibration and the mixed allocation priced cheaply: 128 probe
-            tokens, a first pass on one window; the lowest perplexity measured within 1.5x the calibration
-            forward's time, see README, Results) or ``"paper"`` (uniform dims, no refit, statistics of the
-            original model: reproduces the paper) or ``"quality"`` (sequential calibration, ``teacher_refit``
+        method: ``"default"`` (sequential calibration, the mixed allocation priced cheaply: 64 probe tokens,
+            a first pass on one window, and ``mlp_refit`` on every 4th token; the lowest perplexity measured
+            within 1.5x the calibration forward's time, see README, Results) or ``"paper"`` (uniform dims, no
+            refit, statistics of the original model: reproduces the paper) or ``"quality"`` (sequential calibration, ``teacher_refit``
             and the mixed allocation priced on 1024 probe tokens after a first pass on every window: the
             lowest perplexity measured, for several times its time). Options left at ``None`` take the
             method's value. The methods' mixed allocation becomes uniform where explicit dims are given, and
@@ -57,8 +57,8 @@ class A3Config:
             (one probe per layer and component, each running the rest of the model from that layer on).
             ``0``: the analytical errors alone, each component normalized by its own total (cheaper, and
             measured worse than uniform on SmolLM2). Needs the whole model in memory (``compress``, not
-            ``compress_checkpoint``). The method's value: 128 in ``"default"``, 1024 in ``"quality"``. On
-            SmolLM2 128 to 2048 tokens gave about the same perplexity (README, Beyond the paper); the
+            ``compress_checkpoint``). The method's value: 64 in ``"default"``, 1024 in ``"quality"``. On
+            SmolLM2 64 to 2048 tokens gave about the same perplexity (README, Beyond the paper); the
             probes' time grows with the tokens.
         cap_kv_dims: ``allocation="mixed"`` only. Keep every layer's q/k and v/o head dims at most the
             uniform ones, so the KV cache is at most the uniform model's (the parameters still move between
@@ -74,10 +74,17 @@ class A3Config:
             first this many calibration windows (at least one per process under ``torchrun``); ``0``: all of
             them. The method's value: 1 in ``"default"``, 0 in ``"quality"``. On SmolLM2 one window priced the
             dims as well as all of them (README, Beyond the paper), for a 16th of that pass's time.
-        mlp_refit: least-squares refit of down_proj after channel selection (method page §6). Lowers the
-            perplexity further; accumulating its intermediate-sized statistic adds about half a
-            calibration forward's time.
+        mlp_refit: least-squares refit of down_proj after channel selection (method page §6), so that the
+            kept channels give the original MLP's output. On in ``method="default"`` (off where ``teacher_refit``
+            is asked for: that refits down_proj instead). Its statistic R_d is intermediate-sized: float32
+            products summed in float64, on every ``refit_stride``-th token with sequential calibration, it costs
+            about 0.1x the calibration forward in the default on SmolLM2 (0.5x in float64 on every token).
         refit_damping: relative damping of that refit.
+        refit_stride: ``mlp_refit`` with sequential calibration only. R_d, the refit's intermediate-sized
+            statistic, takes every this many-th calibration token (its cost falls by this factor; the channel
+            selection's statistic takes every token). The method's value: 4 in ``"default"`` (on SmolLM2 at
+            20%, 1 -> 4 cost 2% perplexity and saved about 0.15x the calibration forward; README, Results),
+            1 otherwise (and wherever the statistics are the original model's, which a cache may keep).
         sequential: take layer l's statistics from the model being compressed (method page §6) instead
             of the original model (the paper): its attention statistics on the output of the compressed
             layers < l, its MLP statistics on the output of its compressed attention.
@@ -129,6 +136,7 @@ class A3Config:
     cap_kv_dims: bool = False
     max_dim_factor: float | None = 1.5
     allocation_windows: int | None = None
+    refit_stride: int | None = None
 
     def __post_init__(self):
         self._coerce_types()
@@ -149,6 +157,10 @@ class A3Config:
             raise A3ConfigError(f"components must be a non-empty subset of {COMPONENTS}, got {self.components}")
         if "allocation" in self._from_method and self.allocation == "mixed" and not self._ratio_to_distribute():
             self.allocation = "uniform"  # explicit dims are the caller's allocation
+        if "mlp_refit" in self._from_method and self.teacher_refit:
+            self.mlp_refit = False  # an asked-for teacher refit replaces the method's refit of down_proj
+        if "refit_stride" in self._from_method and not self.sequential:
+            self.refit_stride = 1  # the original model's statistics (which a cache may keep) take every token
         if self.ratio is not None and not (0.0 <= float(self.ratio) < 1.0):
             raise A3ConfigError(f"ratio must be in [0, 1), got {self.ratio}")
         explicit = {c: getattr(self, n) for c, n in DIM_FIELDS.items()}
@@ -169,6 +181,11 @@ class A3Config:
             raise A3ConfigError(f"max_dim_factor must be >= 1 (1 keeps the uniform dims), got {self.max_dim_factor}")
         if self.allocation_windows < 0:
             raise A3ConfigError(f"allocation_windows must be >= 0 (0: all windows), got {self.allocation_windows}")
+        if self.refit_stride < 1:
+            raise A3ConfigError(f"refit_stride must be >= 1 (1: every token), got {self.refit_stride}")
+        if self.refit_stride > 1 and not self.sequential:
+            raise A3ConfigError("refit_stride > 1 needs sequential calibration (the original model's statistics, "
+                                "which a statistics cache may keep, take every token)")
         if self.sensitivity_tokens < 0:
             raise A3ConfigError(f"sensitivity_tokens must be >= 0, got {self.sensitivity_tokens}")
         if self.allocation == "mixed" and not self._ratio_to_distribute():
@@ -268,8 +285,10 @@ class A3Config:
         names = {f.name for f in fields(cls)}
         if config_dict.get("extra", None) == {}:  # an unused field that records of version 0.1.0 hold
             config_dict = {k: v for k, v in config_dict.items() if k != "extra"}
-        # Records made before these existed: unbounded allocations, first pass on all windows, 1024 probe tokens.
-        for name, then in (("max_dim_factor", None), ("allocation_windows", 0), ("sensitivity_tokens", 1024)):
+        # Records made before these existed: unbounded allocations, first pass on all windows, 1024 probe tokens,
+        # the refit's statistic on every token.
+        for name, then in (("max_dim_factor", None), ("allocation_windows", 0), ("sensitivity_tokens", 1024),
+                           ("refit_stride", 1)):
             if name not in config_dict:
                 config_dict = {**config_dict, name: then}
         unknown = set(config_dict) - names
@@ -280,25 +299,26 @@ class A3Config:
 
 _FLOAT_FIELDS = ("ratio", "eig_floor", "refit_damping", "teacher_damping", "max_dim_factor")
 _OPTIONAL_FLOATS = ("ratio", "max_dim_factor")  # None is a value of these
-_INT_FIELDS = ("nsamples", "seqlen", "batch_size", "seed", "sensitivity_tokens", "allocation_windows")
-_OPTIONAL_INTS = ("sensitivity_tokens", "allocation_windows")  # None (the method's value) is left as is
+_INT_FIELDS = ("nsamples", "seqlen", "batch_size", "seed", "sensitivity_tokens", "allocation_windows",
+               "refit_stride")
+_OPTIONAL_INTS = ("sensitivity_tokens", "allocation_windows", "refit_stride")  # None (the method's value) is left as is
 # None (the method's value) is left as is.
 _BOOL_FIELDS = ("mlp_refit", "sequential", "hold_mlp_intermediate", "teacher_refit", "cap_kv_dims")
 
 # Presets: "paper" reproduces arXiv 2505.12942; "default" is the best measured within the time budget.
 METHODS = {
     "paper": {"allocation": "uniform", "mlp_refit": False, "sequential": False, "teacher_refit": False,
-              "sensitivity_tokens": 1024, "allocation_windows": 0},
-    # Sequential calibration and the measured mixed allocation, priced cheaply (128 probe tokens, a first pass
-    # on one window): on SmolLM2 at 20% 0.52x the paper's perplexity increase (0.82x with uniform dims) for
-    # 1.41x the calibration forward (README, Results; 256 tokens: 0.50x for 1.35-1.53x). The down_proj refit
-    # costs about 0.5x more (an intermediate-sized float64 statistic), so it is opt-in (mlp_refit=True).
-    "default": {"allocation": "mixed", "mlp_refit": False, "sequential": True, "teacher_refit": False,
-                "sensitivity_tokens": 128, "allocation_windows": 1},
+              "sensitivity_tokens": 1024, "allocation_windows": 0, "refit_stride": 1},
+    # Sequential calibration, the measured mixed allocation priced cheaply (64 probe tokens, a first pass on one
+    # window) and the down_proj refit, its statistic R_d on every 4th token (float32 products): on SmolLM2 at 20%
+    # the refit took the perplexity increase from 0.51x the paper's to 0.38x (40 WikiText-2 windows) for about
+    # 0.15x more calibration forward (README, Results).
+    "default": {"allocation": "mixed", "mlp_refit": True, "sequential": True, "teacher_refit": False,
+                "sensitivity_tokens": 64, "allocation_windows": 1, "refit_stride": 4},
     # The lowest perplexity measured within ~5x the calibration forward: the teacher refit and the mixed
     # allocation priced by 1024-token probes after a first pass on every window (README, Results).
     "quality": {"allocation": "mixed", "mlp_refit": False, "sequential": True, "teacher_refit": True,
-                "sensitivity_tokens": 1024, "allocation_windows": 0},
+                "sensitivity_tokens": 1024, "allocation_windows": 0, "refit_stride": 1},
 }
 # What method="paper" fixes (the rest of its options only matter for allocations it does not make).
 _PAPER_FIXED = ("allocation", "mlp_refit", "sequential", "teacher_refit")

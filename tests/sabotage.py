@@ -185,8 +185,8 @@ PLANTS: list[Plant] = [
           why='"wikitext2" downloads the split through datasets instead of reading the shared file (fails offline; '
               "online it would quietly download)"),
     Plant(name="default-method-not-sequential", file="optimum_a3/config.py",
-          old='"default": {"allocation": "uniform", "mlp_refit": False, "sequential": True},',
-          new='"default": {"allocation": "uniform", "mlp_refit": False, "sequential": False},',
+          old='"default": {"allocation": "mixed", "mlp_refit": True, "sequential": True,',
+          new='"default": {"allocation": "mixed", "mlp_refit": True, "sequential": False,',
           tests=("tests/test_smollm2.py::test_quickstart_command_gives_the_measured_dense_and_default_perplexities",),
           why="the library default silently becomes the paper's method (slow: the real model, minutes)"),
     Plant(name="hub-failed-upload-unexplained", file="optimum_a3/checkpoint/hub.py",

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from optimum_a3 import A3Compressor, A3Config
+from optimum_a3.math import solvers
 from optimum_a3.math.allocation import Track, greedy_allocate, mixed_dims
 from optimum_a3.math.budget import LayerDims, decoder_linear_params
 from reload_helpers import reload_in_fresh_process, save_reference
@@ -109,7 +110,7 @@ def test_sequential_calibration_is_exact_at_ratio_zero_and_changes_weights_when_
     assert not torch.equal(seq.state_dict()[last], par.state_dict()[last])   # later layers do not
 
 
-def _statistics_seen_by(compressed, original, idx, ids):
+def _statistics_seen_by(compressed, original, idx, ids, refit_stride=1):
     """Reference statistics of layer ``idx`` computed by hand from the COMPRESSED model's activations:
     R_x (and G_z) of the original layer run on what compressed layer ``idx`` receives, and m_d / R_d of
     the original gate/up run on the residual stream after compressed layer ``idx``'s attention."""
@@ -138,7 +139,9 @@ def _statistics_seen_by(compressed, original, idx, ids):
     d = d.reshape(x.shape[0], -1).double()
     t = x.shape[0]
     return {"attn_input_autocorr": x.T @ x / t, "head_output_autocorr": torch.einsum("thi,thj->hij", z, z) / t,
-            "down_input_sq_mean": d.pow(2).mean(0), "down_input_autocorr": d.T @ d / t}
+            "down_input_sq_mean": d.pow(2).mean(0),
+            # refit_stride: every stride-th token of each batch (32-token windows: of the flattened tokens too)
+            "down_input_autocorr": refit_stride * d[::refit_stride].T @ d[::refit_stride] / t}
 
 
 @pytest.mark.parametrize("hold", [True, False], ids=["held-intermediate", "recomputed-mlp"])
@@ -146,19 +149,32 @@ def _statistics_seen_by(compressed, original, idx, ids):
 def test_sequential_statistics_are_those_of_the_compressed_model(kv_heads, hold):
     """Sequential calibration: layer l's attention statistics are taken on the compressed layers < l, and
     its MLP statistics on the output of its own compressed attention (checked against a hand computation
-    on the finished model), whether the MLP intermediate is held or the compressed MLP is re-run."""
+    on the finished model), whether the MLP intermediate is held or the compressed MLP is re-run. The
+    down_proj refit's weights are checked against the refit solved from the hand-computed R_d, which takes
+    every token, or every second one (``refit_stride=2``, the default's, with the held intermediate here)."""
     model = tiny_llama(layers=3, num_kv_heads=kv_heads)
-    ids = random_token_windows(8, 32, seed=8)  # 256 tokens: enough for the refit (2 per channel)
-    compressor = A3Compressor(A3Config(ratio=0.3, mlp_refit=True, batch_size=4, hold_mlp_intermediate=hold))
+    ids = random_token_windows(16, 32, seed=8)  # 512 tokens: enough for the refit (2 per channel) at stride 2
+    # Uniform dims: every layer's attention compressed, so layer 0's MLP statistics must differ (below).
+    stride = 2 if hold else 1
+    compressor = A3Compressor(A3Config(ratio=0.3, mlp_refit=True, batch_size=4, hold_mlp_intermediate=hold,
+                                       allocation="uniform", refit_stride=stride))
     compressed = compressor.compress(model, calibration_ids=ids, progress=False, keep_statistics=True)
     assert compressor.last_effective_config.sequential and compressor.last_effective_config.mlp_refit
     for idx in range(3):
-        ref = _statistics_seen_by(compressed, model, idx, ids)
+        ref = _statistics_seen_by(compressed, model, idx, ids, stride)
         got = compressor.last_statistics[idx]
         names = ["attn_input_autocorr", "down_input_sq_mean", "down_input_autocorr"]
         names += ["head_output_autocorr"] if kv_heads == 4 else []
         for name in names:
             torch.testing.assert_close(getattr(got, name), ref[name], rtol=1e-5, atol=1e-7, msg=f"layer {idx} {name}")
+        w_down = model.model.layers[idx].mlp.down_proj.weight.detach().to(torch.float64).T
+        width = compressed.model.layers[idx].mlp.down_proj.in_features
+        kept = solvers.select_mlp_channels(w_down, got.down_input_sq_mean, width)
+        r_d = ref["down_input_autocorr"]
+        expected = solvers.refit_to_targets(r_d[kept][:, kept], r_d[kept] @ w_down, w_down[kept], 1e-6)
+        torch.testing.assert_close(compressed.model.layers[idx].mlp.down_proj.weight.detach().T,
+                                   expected.float(), rtol=1e-4, atol=1e-5, msg=f"layer {idx} refit")
+        assert not torch.allclose(expected, w_down[kept], atol=1e-3)  # the refit did move the weights
     # ... and they differ from the original model's where it matters: layer 0's MLP already sees the
     # compressed attention.
     paper = A3Compressor(A3Config(ratio=0.3, sequential=False, batch_size=4))

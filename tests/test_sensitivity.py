@@ -208,10 +208,23 @@ def test_the_methods_resolve_their_allocation_and_a_streamed_default_falls_back_
     from optimum_a3.config import A3ConfigError
 
     resolved = lambda c: (c.allocation, c.sensitivity_tokens, c.allocation_windows)  # noqa: E731
-    assert resolved(A3Config(ratio=0.2)) == ("mixed", 128, 1)
+    assert resolved(A3Config(ratio=0.2)) == ("mixed", 64, 1)
     assert resolved(A3Config(ratio=0.2, method="quality")) == ("mixed", 1024, 0)
     assert resolved(A3Config(ratio=0.2, method="paper"))[0] == "uniform"
     assert resolved(A3Config(ratio=0.2, sensitivity_tokens=64, allocation_windows=3)) == ("mixed", 64, 3)
+    # The default refits down_proj; an asked-for teacher refit replaces that refit, an asked-for one with it is refused.
+    assert A3Config(ratio=0.2).mlp_refit and not A3Config(ratio=0.2, method="quality").mlp_refit
+    assert not A3Config(ratio=0.2, method="paper").mlp_refit
+    assert not A3Config(ratio=0.2, teacher_refit=True).mlp_refit
+    with pytest.raises(A3ConfigError, match="choose one"):
+        A3Config(ratio=0.2, teacher_refit=True, mlp_refit=True)
+    # R_d on every fourth token in the default's sequential pass only: the original model's statistics take every one.
+    assert [A3Config(ratio=0.2, **kw).refit_stride for kw in ({}, {"sequential": False}, {"method": "paper"})] == [4, 1, 1]
+    for bad, why in ((0, "refit_stride must be >= 1"), (-2, "refit_stride must be >= 1")):
+        with pytest.raises(A3ConfigError, match=why):
+            A3Config(ratio=0.2, refit_stride=bad)
+    with pytest.raises(A3ConfigError, match="refit_stride > 1 needs sequential calibration"):
+        A3Config(ratio=0.2, refit_stride=2, sequential=False)
     # Explicit dims are the caller's allocation; asked for with them, mixed is still refused.
     assert A3Config(head_dim_qk=8, components=["qk"]).allocation == "uniform"
     assert A3Config(ratio=0.2, intermediate_size=40, method="quality").allocation == "uniform"
@@ -222,8 +235,9 @@ def test_the_methods_resolve_their_allocation_and_a_streamed_default_falls_back_
     with pytest.raises(A3ConfigError, match="method='paper' means allocation='uniform'"):
         A3Config(ratio=0.2, method="paper", allocation="mixed")
     # Records from before these options: all windows and 1024 probe tokens, whatever the method now says.
-    old = {k: v for k, v in A3Config(ratio=0.2).to_dict().items() if k not in ("allocation_windows", "sensitivity_tokens")}
-    assert resolved(A3Config.from_dict(old)) == ("mixed", 1024, 0)
+    old = {k: v for k, v in A3Config(ratio=0.2).to_dict().items()
+           if k not in ("allocation_windows", "sensitivity_tokens", "refit_stride")}
+    assert resolved(A3Config.from_dict(old)) == ("mixed", 1024, 0) and A3Config.from_dict(old).refit_stride == 1
     assert A3Config.from_dict(A3Config(ratio=0.2).to_dict()) == A3Config(ratio=0.2)
 
     # Layer-streamed: the default's probes would need the whole model, so it uses uniform dims, loudly; an
@@ -254,3 +268,35 @@ def test_probe_tokens_are_a_prefix_of_the_first_window_or_whole_windows():
     assert torch.equal(_probe_windows(calibration, A3Config(ratio=0.2, sensitivity_tokens=16)), ids[:1])
     assert torch.equal(_probe_windows(calibration, A3Config(ratio=0.2, sensitivity_tokens=17)), ids[:2])
     assert torch.equal(_probe_windows(calibration, A3Config(ratio=0.2, sensitivity_tokens=999)), ids)
+
+
+def test_the_probes_and_their_first_pass_take_no_refit(monkeypatch):
+    """With sequential calibration the mixed allocation's first pass only prices the dims: it collects no R_d and
+    its probes measure the closed form, so the down_proj refit is solved once per layer, in the sequential pass
+    (a first pass on one window has too few tokens for it). Without sequential calibration the first pass's
+    statistics are the run's: they hold R_d."""
+    from optimum_a3.math import solvers
+    from optimum_a3.pipeline import statistics
+
+    refits, collectors = [], []
+    real_refit, real_init = solvers.refit_down_proj, statistics.StatisticsCollector.__init__
+    monkeypatch.setattr(solvers, "refit_down_proj", lambda *a, **k: refits.append(1) or real_refit(*a, **k))
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        collectors.append(self)
+
+    monkeypatch.setattr(statistics.StatisticsCollector, "__init__", init)
+    model = tiny_llama()
+    calib = random_token_windows(16, 48, seed=6)  # 192 tokens at the default's refit_stride 4: 2 per channel
+    config = A3Config(ratio=0.3, sensitivity_tokens=16)  # the default: mixed, sequential, mlp_refit
+    small = A3Compressor(config).compress(model, calibration_ids=calib, progress=False)
+    layers = model.config.num_hidden_layers
+    assert small.config.a3_compression["mlp_refit"] is True
+    compressed_mlps = sum(w < model.config.intermediate_size for w in small.config.a3_compression["dims"]["intermediate_size"])
+    assert len(refits) == compressed_mlps > 0
+    assert [c.want_down_autocorr for c in collectors] == [False] * layers + [True] * layers
+    refits.clear(), collectors.clear()
+    A3Compressor(A3Config(ratio=0.3, sensitivity_tokens=16, sequential=False)).compress(model, calibration_ids=calib,
+                                                                                    progress=False)
+    assert [c.want_down_autocorr for c in collectors] == [True] * layers and len(refits) > compressed_mlps

@@ -48,9 +48,10 @@ def _streaming_warning(config: A3Config):
     return contextlib.nullcontext()
 
 
-@pytest.mark.parametrize("options", [{"method": "paper"}, {"method": "default"}, {"mlp_refit": True},
-                                     {"hold_mlp_intermediate": False}, {"method": "quality", "allocation": "uniform"}],
-                         ids=["paper", "default", "default-refit", "default-holding-no-intermediate",
+@pytest.mark.parametrize("options", [{"method": "paper"}, {"method": "default"}, {"refit_stride": 1},
+                                     {"hold_mlp_intermediate": False, "refit_stride": 1},
+                                     {"method": "quality", "allocation": "uniform"}],
+                         ids=["paper", "default", "default-refit-every-token", "default-holding-no-intermediate",
                               "quality-uniform"])
 def test_streamed_checkpoint_equals_in_memory_checkpoint(tmp_path, options):
     src = _source(tmp_path)

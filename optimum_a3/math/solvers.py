@@ -189,13 +189,13 @@ def select_mlp_channels(w_down: torch.Tensor, down_input_sq_mean: torch.Tensor, 
 def refit_down_proj(w_down: torch.Tensor, r_d: torch.Tensor, kept: torch.Tensor, damping: float = 1e-6) -> torch.Tensor:
     """Least-squares refit of down_proj on the kept channels (§6, Nyström step).
 
-    ``W̃ = (R_d[S,S] + δI)^{-1} R_d[S,:] W_down`` with ``δ = damping · mean(diag R_d[S,S])``: minimises
-    ``E||x_d W_down - x_d[S] W̃||²`` over the calibration tokens. Returns (len(S), out) in float64.
+    ``W̃ = (R_d[S,S] + δI)^{-1} (R_d[S,:] W_down + δ W_down[S])`` with ``δ = damping · mean(diag R_d[S,S])``:
+    minimises ``E||x_d W_down - x_d[S] W̃||²`` over the calibration tokens, with a ridge towards the selected
+    rows (so it never fits worse than the selection alone). Returns (len(S), out) in float64.
     """
-    r = r_d.to(torch.float64)
-    rhs = r[kept] @ w_down.to(torch.float64)
-    # The ridge of refit_to_targets around zero: X = x_d[S], T = x_d W_down, so XᵀX = R_d[S,S], XᵀT = R_d[S,:] W_down.
-    return refit_to_targets(r[kept][:, kept], rhs, torch.zeros_like(rhs), damping)
+    r, w = r_d.to(torch.float64), w_down.to(torch.float64)
+    # refit_to_targets with X = x_d[S], T = x_d W_down: XᵀX = R_d[S,S], XᵀT = R_d[S,:] W_down.
+    return refit_to_targets(r[kept][:, kept], r[kept] @ w, w[kept], damping)
 
 
 # ------------------------------------------------------------------------------- teacher refit

@@ -139,7 +139,8 @@ def _attempt(plan: LayerPlan, model, calibration: Calibration, originals, make_s
     try:
         with _eval_mode(model):
             if mixed:
-                stored, plan = _mixed_plan(plan, model, originals, source, calibration, ranks, progress)
+                stored, plan = _mixed_plan(plan, first_plan.config, model, originals, source, calibration, ranks,
+                                           progress)
                 source = _source(plan, model, calibration, None, None, False, ranks) if plan.config.sequential \
                     else stored
             record = _record(model, plan.dims, calibration.record, plan.config)
@@ -196,8 +197,8 @@ def _source(plan: LayerPlan, model, calibration: Calibration, statistics, cache:
         return CachedStatistics(cache, owners)
     cfg, geometry = plan.config, plan.geometry
     forward = SequentialForward if cfg.sequential else OriginalForward
-    options = {"hold_mlp_intermediate": cfg.hold_mlp_intermediate, "teacher": cfg.teacher_refit} if cfg.sequential \
-        else {"owners": owners}
+    options = {"hold_mlp_intermediate": cfg.hold_mlp_intermediate, "teacher": cfg.teacher_refit,
+               "down_autocorr_stride": cfg.refit_stride} if cfg.sequential else {"owners": owners}
     with _eval_mode(model):
         source = forward(model, plan.adapter, geometry, ranks.share(calibration.ids), batch_size=cfg.batch_size,
                          want_head_autocorr=_wants_head_autocorr(plan),
@@ -208,11 +209,14 @@ def _source(plan: LayerPlan, model, calibration: Calibration, statistics, cache:
 
 
 def _original_statistics_plan(plan: LayerPlan) -> LayerPlan:
-    """``plan`` with statistics of the original model (no sequential calibration, no teacher refit)."""
+    """The mixed allocation's first pass: ``plan`` itself without sequential calibration (its statistics are
+    then the run's), else the original model's statistics, which only price the dims: no refit of any kind
+    (the probes measure the closed form)."""
     cfg = plan.config
     if not cfg.sequential:
         return plan
-    return dataclasses.replace(plan, config=dataclasses.replace(cfg, sequential=False, teacher_refit=False))
+    return dataclasses.replace(plan, config=dataclasses.replace(cfg, sequential=False, teacher_refit=False,
+                                                                mlp_refit=False, refit_stride=1))
 
 
 def _first_pass_calibration(calibration: Calibration, cfg: A3Config, ranks: Ranks) -> Calibration:
@@ -223,11 +227,12 @@ def _first_pass_calibration(calibration: Calibration, cfg: A3Config, ranks: Rank
     return dataclasses.replace(calibration, ids=calibration.ids[:max(cfg.allocation_windows, ranks.world_size)])
 
 
-def _mixed_plan(plan: LayerPlan, model, originals, source: StatisticsSource, calibration: Calibration, ranks: Ranks,
-                progress: bool) -> tuple[StatisticsSource, LayerPlan]:
+def _mixed_plan(plan: LayerPlan, probe_config: A3Config, model, originals, source: StatisticsSource,
+                calibration: Calibration, ranks: Ranks, progress: bool) -> tuple[StatisticsSource, LayerPlan]:
     """Mixed allocation (§7): a first pass takes every layer's statistics of the original model and its error
-    tracks; with ``sensitivity_tokens`` each track is priced by a measured probe (:mod:`.sensitivity`), and
-    the dims are allocated from all of them. Returns the statistics of that pass and the plan with the dims."""
+    tracks; with ``sensitivity_tokens`` each track is priced by a measured probe (:mod:`.sensitivity`) solved
+    as ``probe_config`` says (the first pass's), and the dims are allocated from all of them. Returns the
+    statistics of that pass and the plan with the dims."""
     cfg = plan.config
     statistics, tracks = [], []
     for idx in range(plan.geometry.num_layers):
@@ -245,7 +250,7 @@ def _mixed_plan(plan: LayerPlan, model, originals, source: StatisticsSource, cal
         probe = SensitivityProbe(model, plan.adapter, _probe_windows(calibration, cfg), batch_size=cfg.batch_size,
                                  device=cfg.device)  # every rank holds all probe tokens: the probes are shared
         kl = measure_sensitivity(probe, plan.adapter, plan.geometry, [originals.get(i) for i in range(len(statistics))],
-                                 statistics, plan.dims, cfg.components, cfg, progress, ranks)
+                                 statistics, plan.dims, cfg.components, probe_config, progress, ranks)
         del probe
         probe_dims = {(t.layer, t.component): plan.dims[t.layer].of(t.component) for t in tracks}
         tracks, pools = scaled_by_sensitivity(tracks, probe_dims, kl), (tuple(cfg.components),)  # all in KL units
@@ -308,11 +313,14 @@ def _restricted_to(adapter, cfg: A3Config) -> A3Config:
 
 def _without_ill_posed_refit(cfg: A3Config, tokens: int | None, intermediate_size: int) -> A3Config:
     """The refit solves an intermediate-sized least-squares problem: with fewer than two calibration
-    tokens per MLP channel it overfits (measured: worse than no refit), so it is skipped, loudly."""
-    if cfg.mlp_refit and tokens is not None and tokens < MIN_TOKENS_PER_CHANNEL_FOR_REFIT * intermediate_size:
+    tokens per MLP channel (of those its statistic takes: ``refit_stride``) it overfits (measured: worse than
+    no refit), so it is skipped, loudly."""
+    sampled = None if tokens is None else -(-tokens // cfg.refit_stride)
+    if cfg.mlp_refit and sampled is not None and sampled < MIN_TOKENS_PER_CHANNEL_FOR_REFIT * intermediate_size:
+        every = "" if cfg.refit_stride == 1 else f" (every {cfg.refit_stride}th of {tokens})"
         warnings.warn(
-            f"mlp_refit skipped: {tokens} calibration tokens < {MIN_TOKENS_PER_CHANNEL_FOR_REFIT} x intermediate_size "
-            f"({intermediate_size}); use more calibration data to enable it", stacklevel=4)
+            f"mlp_refit skipped: {sampled} calibration tokens{every} < {MIN_TOKENS_PER_CHANNEL_FOR_REFIT} x "
+            f"intermediate_size ({intermediate_size}); use more calibration data to enable it", stacklevel=4)
         return dataclasses.replace(cfg, mlp_refit=False)
     return cfg
 

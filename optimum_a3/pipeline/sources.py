@@ -101,6 +101,8 @@ class OriginalForward(StatisticsSource):
     """Statistics of the ORIGINAL model, as GPTQ and SVD-LLM take them: the inputs of layer 0 are captured
     once, each layer runs on them with the collector's hooks, and its outputs are the next layer's inputs."""
 
+    down_autocorr_stride = 1  # R_d on every token: these statistics may be cached and reused
+
     def __init__(self, model: nn.Module, adapter, geometry: Geometry, input_ids: torch.Tensor, *, batch_size: int,
                  want_head_autocorr: bool, want_down_autocorr: bool, device=None, ranks: Ranks | None = None,
                  owners: LayerOwners | None = None):
@@ -118,7 +120,7 @@ class OriginalForward(StatisticsSource):
     def _collector(self) -> StatisticsCollector:
         self._residual_sq = sum(hidden.to(torch.float64).pow(2).sum().item() for hidden, _ in self.inputs)
         return StatisticsCollector(self.geometry.num_heads, self.geometry.head_dim, self.want_head_autocorr,
-                                   self.want_down_autocorr)
+                                   self.want_down_autocorr, self.down_autocorr_stride)
 
     def _ready(self, idx: int, collector: StatisticsCollector, parts: tuple[str, ...],
                result: Callable[[], LayerStatistics]) -> LayerStatistics | None:
@@ -180,8 +182,10 @@ class SequentialForward(OriginalForward):
 
     runs_compressed_attention = True
 
-    def __init__(self, *args, hold_mlp_intermediate: bool = True, teacher: bool = False, **kwargs):
+    def __init__(self, *args, hold_mlp_intermediate: bool = True, teacher: bool = False, down_autocorr_stride: int = 1,
+                 **kwargs):
         super().__init__(*args, **kwargs)
+        self.down_autocorr_stride = down_autocorr_stride  # R_d on every this many-th token (refit_stride)
         self.hold_mlp_intermediate = hold_mlp_intermediate
         self.teacher = teacher
         # The original model's stream: it starts from the same embeddings.

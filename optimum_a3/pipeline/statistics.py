@@ -58,9 +58,13 @@ class StatisticsCollector:
     """Forward pre-hooks summing outer products (float64) of the inputs of three projections: the
     attention input (q_proj), the attention-weighted values (o_proj, MHA only) and down_proj's input."""
 
-    def __init__(self, num_heads: int, head_dim: int, want_head_autocorr: bool, want_down_autocorr: bool):
+    def __init__(self, num_heads: int, head_dim: int, want_head_autocorr: bool, want_down_autocorr: bool,
+                 down_autocorr_stride: int = 1):
+        """``down_autocorr_stride``: R_d sums every this many-th token of each batch, scaled by it (an estimate
+        of the sum over every token at a fraction of the cost)."""
         self.num_heads, self.head_dim = num_heads, head_dim
         self.want_head_autocorr, self.want_down_autocorr = want_head_autocorr, want_down_autocorr
+        self.down_autocorr_stride = down_autocorr_stride
         self.r_x = self.s_x = self.g_z = self.m_d = self.r_d = None
         self.tokens = 0
 
@@ -83,14 +87,19 @@ class StatisticsCollector:
         self.g_z = outer if self.g_z is None else self.g_z.add_(outer)
 
     def down_input(self, module, inputs):
-        x = self._rows(inputs)
-        if self.m_d is None:
-            self.m_d = x.new_zeros(x.shape[1])
-            if self.want_down_autocorr:
-                self.r_d = x.new_zeros(x.shape[1], x.shape[1])
-        self.m_d.add_(x.pow(2).sum(dim=0))
+        x = inputs[0].reshape(-1, inputs[0].shape[-1])
+        if x.dtype != torch.float64:
+            # Each batch's products in float32 (m_d 7x, R_d 2x faster than converting the batch to float64),
+            # summed in float64.
+            x = x.float()
+        squares = x.square().sum(dim=0).to(torch.float64)
+        self.m_d = squares if self.m_d is None else self.m_d.add_(squares)
         if self.want_down_autocorr:
-            add_gram_upper_(self.r_d, x)
+            if self.r_d is None:
+                self.r_d = x.new_zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+            step = self.down_autocorr_stride
+            sampled = x[::step] if step > 1 else x
+            self.r_d.add_(add_gram_upper_(x.new_zeros(self.r_d.shape), sampled), alpha=step)
 
     def all_reduce_(self, ranks, part: str, owner: int | None = None) -> None:
         """Sum the partial sums of every rank (:class:`~optimum_a3.pipeline.distributed.Ranks`), in place:
