@@ -153,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="--allocation mixed: keep every dim within F times its uniform dim, and at least 1/F "
                            "of it (F >= 1; default 1.5; 'none': no bound)")
     size.add_argument("--mlp-refit", action=argparse.BooleanOptionalAction, default=None,
-                      help="least-squares refit of down_proj after channel selection (beyond the paper; lower perplexity; "
-                           "on in --method default unless --teacher-refit is given; --no-mlp-refit turns it off)")
+                      help="least-squares refit of down_proj after channel selection (beyond the paper; lower "
+                           "perplexity; on in --method default unless --teacher-refit is given; --no-mlp-refit turns "
+                           "it off)")
     size.add_argument("--refit-stride", type=int, default=None, metavar="N",
                       help="--mlp-refit with sequential calibration: its statistic takes every Nth calibration token "
                            "(default: the method's, 4 with --method default; 1: every token)")

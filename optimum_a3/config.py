@@ -41,11 +41,12 @@ class A3Config:
         method: ``"default"`` (sequential calibration, the mixed allocation priced cheaply: 64 probe tokens,
             a first pass on one window, and ``mlp_refit`` on every 4th token; the lowest perplexity measured
             within 1.5x the calibration forward's time, see README, Results) or ``"paper"`` (uniform dims, no
-            refit, statistics of the original model: reproduces the paper) or ``"quality"`` (sequential calibration, ``teacher_refit``
-            and the mixed allocation priced on 1024 probe tokens after a first pass on every window: the
-            lowest perplexity measured, for several times its time). Options left at ``None`` take the
-            method's value. The methods' mixed allocation becomes uniform where explicit dims are given, and
-            ``method="default"``'s where the model is layer-streamed (``compress_checkpoint``), with a warning.
+            refit, statistics of the original model: reproduces the paper) or ``"quality"`` (sequential
+            calibration, ``teacher_refit`` and the mixed allocation priced on 1024 probe tokens after a first
+            pass on every window: the lowest perplexity measured, for several times its time). Options left at
+            ``None`` take the method's value. The methods' mixed allocation becomes uniform where explicit dims
+            are given, and ``method="default"``'s where the model is layer-streamed (``compress_checkpoint``),
+            with a warning.
         allocation: ``"uniform"`` (§7: same dims in every layer) or ``"mixed"`` (per-layer, per-component
             dims under the same parameter budget: a first pass takes the original model's statistics, each
             layer's components are priced by their analytical error curves scaled by their measured effect on
@@ -301,7 +302,7 @@ _FLOAT_FIELDS = ("ratio", "eig_floor", "refit_damping", "teacher_damping", "max_
 _OPTIONAL_FLOATS = ("ratio", "max_dim_factor")  # None is a value of these
 _INT_FIELDS = ("nsamples", "seqlen", "batch_size", "seed", "sensitivity_tokens", "allocation_windows",
                "refit_stride")
-_OPTIONAL_INTS = ("sensitivity_tokens", "allocation_windows", "refit_stride")  # None (the method's value) is left as is
+_OPTIONAL_INTS = ("sensitivity_tokens", "allocation_windows", "refit_stride")  # None: the method's value, left as is
 # None (the method's value) is left as is.
 _BOOL_FIELDS = ("mlp_refit", "sequential", "hold_mlp_intermediate", "teacher_refit", "cap_kv_dims")
 

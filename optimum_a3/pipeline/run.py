@@ -317,7 +317,7 @@ def _without_ill_posed_refit(cfg: A3Config, tokens: int | None, intermediate_siz
     no refit), so it is skipped, loudly."""
     sampled = None if tokens is None else -(-tokens // cfg.refit_stride)
     if cfg.mlp_refit and sampled is not None and sampled < MIN_TOKENS_PER_CHANNEL_FOR_REFIT * intermediate_size:
-        every = "" if cfg.refit_stride == 1 else f" (every {cfg.refit_stride}th of {tokens})"
+        every = "" if cfg.refit_stride == 1 else f" (1 in {cfg.refit_stride} of {tokens})"
         warnings.warn(
             f"mlp_refit skipped: {sampled} calibration tokens{every} < {MIN_TOKENS_PER_CHANNEL_FOR_REFIT} x "
             f"intermediate_size ({intermediate_size}); use more calibration data to enable it", stacklevel=4)

@@ -55,8 +55,9 @@ class LayerStatistics:
 
 
 class StatisticsCollector:
-    """Forward pre-hooks summing outer products (float64) of the inputs of three projections: the
-    attention input (q_proj), the attention-weighted values (o_proj, MHA only) and down_proj's input."""
+    """Forward pre-hooks summing, in float64, outer products of the inputs of three projections: the
+    attention input (q_proj), the attention-weighted values (o_proj, MHA only) and down_proj's input (each
+    batch's products in float32 there, unless the model is float64)."""
 
     def __init__(self, num_heads: int, head_dim: int, want_head_autocorr: bool, want_down_autocorr: bool,
                  down_autocorr_stride: int = 1):
@@ -98,8 +99,7 @@ class StatisticsCollector:
             if self.r_d is None:
                 self.r_d = x.new_zeros(x.shape[1], x.shape[1], dtype=torch.float64)
             step = self.down_autocorr_stride
-            sampled = x[::step] if step > 1 else x
-            self.r_d.add_(add_gram_upper_(x.new_zeros(self.r_d.shape), sampled), alpha=step)
+            self.r_d.add_(add_gram_upper_(x.new_zeros(self.r_d.shape), x[::step]), alpha=step)
 
     def all_reduce_(self, ranks, part: str, owner: int | None = None) -> None:
         """Sum the partial sums of every rank (:class:`~optimum_a3.pipeline.distributed.Ranks`), in place:
