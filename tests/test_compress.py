@@ -37,6 +37,22 @@ def test_ratio_zero_reproduces_logits(kv_heads, attn):
     torch.testing.assert_close(logits(small), logits(model), rtol=1e-5, atol=1e-5)
 
 
+def test_output_hidden_states_match_transformers_llama_at_ratio_zero():
+    """``output_hidden_states=True`` works as in transformers (embeddings, every layer, the final norm's output);
+    without it there are none; attention weights are refused, not silently left out."""
+    model = tiny_llama()
+    small = compress(model, ratio=0.0)
+    with torch.no_grad():
+        ours = small(PROBE, output_hidden_states=True).hidden_states
+        theirs = model(PROBE, output_hidden_states=True).hidden_states
+        assert small(PROBE).hidden_states is None
+    assert len(ours) == len(theirs) == model.config.num_hidden_layers + 1
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="output_attentions"):
+        small(PROBE, output_attentions=True)
+
+
 def test_ratio_zero_reproduces_mistral_with_sliding_window():
     torch.manual_seed(0)
     config = MistralConfig(vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=2,

@@ -336,6 +336,12 @@ class A3LlamaModel(A3LlamaPreTrainedModel):
         **kwargs,
     ):
         cache = cache if cache is not None else past_key_values
+        # Written out rather than through transformers' output-capturing decorators, which older releases lack.
+        output_hidden_states = kwargs.pop("output_hidden_states", None)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if kwargs.pop("output_attentions", None):
+            raise ValueError("output_attentions is not supported by A3 models (their attention runs through sdpa)")
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         use_cache = use_cache if use_cache is not None else self.config.use_cache
@@ -360,7 +366,10 @@ class A3LlamaModel(A3LlamaPreTrainedModel):
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        all_hidden_states = [] if output_hidden_states else None
         for decoder_layer in self.layers:
+            if all_hidden_states is not None:
+                all_hidden_states.append(hidden_states)
             hidden_states = decoder_layer(
                 hidden_states,
                 attention_mask=causal_mask,
@@ -370,7 +379,10 @@ class A3LlamaModel(A3LlamaPreTrainedModel):
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{_OUTPUT_CACHE_FIELD: cache})
+        if all_hidden_states is not None:  # as transformers' Llama: the embeddings, ..., the final norm's output
+            all_hidden_states = tuple(all_hidden_states) + (hidden_states,)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, hidden_states=all_hidden_states,
+                                       **{_OUTPUT_CACHE_FIELD: cache})
 
 
 class A3LlamaForCausalLM(A3LlamaPreTrainedModel, GenerationMixin):
@@ -415,7 +427,8 @@ class A3LlamaForCausalLM(A3LlamaPreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, **{_OUTPUT_CACHE_FIELD: getattr(outputs, _OUTPUT_CACHE_FIELD)}
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+            **{_OUTPUT_CACHE_FIELD: getattr(outputs, _OUTPUT_CACHE_FIELD)}
         )
 
 
