@@ -10,17 +10,17 @@ models (no downloads) in six modes and records the sha256 of every file of every
             qwen3-gqa-tied     Qwen3 (random q/k RMSNorm weights), tied lm_head
     modes   paper              method="paper", in memory, saved with A3Compressor.save
             default            method="default" (probes priced on one window, then a sequential pass), in memory
-            refit-every-token  method="default", refit_stride=1 (the tiny calibration is too small for the
-                               default's refit on every 4th token, which is skipped there), in memory
+            refit-every-token  method="default", refit_stride=1, on 16 calibration windows (the refit needs
+                               4 tokens per MLP channel: the 8 windows of the other cases skip it), in memory
             uniform            method="default", allocation="uniform": sequential calibration alone, in memory
             streamed           method="default", A3Compressor.compress_checkpoint from a save_pretrained dir
                                (a streamed run cannot probe: the default's uniform dims, with a warning)
             streamed-cache-hit method="paper", compress_checkpoint run twice with the same stats_cache
                                directory; the second run (which reads the cached statistics) is hashed
 
-Every case uses the same fixed seeds, calibration token ids (``random_token_windows(8, 32, seed=1)``)
-and ratio 0.25. In-memory results are saved with ``tokenizer=tiny_tokenizer()``; streamed ones take the
-tokenizer saved next to the source checkpoint.
+Every case uses the same fixed seeds, calibration token ids (``random_token_windows(8, 32, seed=1)``;
+16 windows where a mode sets ``nsamples``) and ratio 0.25. In-memory results are saved with
+``tokenizer=tiny_tokenizer()``; streamed ones take the tokenizer saved next to the source checkpoint.
 
 How to use it in a refactor::
 
@@ -108,7 +108,7 @@ MODELS = {
 MODES = {
     "paper": ("in-memory", dict(method="paper")),
     "default": ("in-memory", dict(method="default")),
-    "refit-every-token": ("in-memory", dict(method="default", refit_stride=1)),
+    "refit-every-token": ("in-memory", dict(method="default", refit_stride=1, nsamples=16)),
     "uniform": ("in-memory", dict(method="default", allocation="uniform")),
     "streamed": ("streamed", dict(method="default")),
     "streamed-cache-hit": ("streamed-cache-hit", dict(method="paper")),
@@ -117,18 +117,21 @@ MODES = {
 
 # ------------------------------------------------------------------------------------ running
 def a3_config(options: dict) -> A3Config:
-    n, seqlen = CALIBRATION["n"], CALIBRATION["seqlen"]
-    return A3Config(ratio=RATIO, nsamples=n, seqlen=seqlen, seed=0, **options)
+    return A3Config(**{"ratio": RATIO, "nsamples": CALIBRATION["n"], "seqlen": CALIBRATION["seqlen"], "seed": 0,
+                       **options})
 
 
-def calibration_ids() -> torch.Tensor:
-    return random_token_windows(CALIBRATION["n"], CALIBRATION["seqlen"], seed=CALIBRATION["seed"])
+def calibration_ids(options: dict) -> torch.Tensor:
+    n = options.get("nsamples", CALIBRATION["n"])
+    return random_token_windows(n, CALIBRATION["seqlen"], seed=CALIBRATION["seed"])
 
 
 def run_in_memory(model_kwargs: dict, options: dict) -> Path:
     compressor = A3Compressor(a3_config(options))
     model = tiny_llama(seed=MODEL_SEED, **model_kwargs)
-    compressed = compressor.compress(model, calibration_ids=calibration_ids(), progress=False)
+    compressed = compressor.compress(model, calibration_ids=calibration_ids(options), progress=False)
+    if "refit_stride" in options and not compressed.config.a3_compression["mlp_refit"]:
+        print(f"  WARNING: {options}: the down_proj refit was skipped (too few calibration tokens)")
     return Path(compressor.save(compressed, "out", tokenizer=tiny_tokenizer()))
 
 
@@ -142,7 +145,7 @@ def save_source(model_name: str, model_kwargs: dict) -> str:
 def run_streamed(model_name: str, model_kwargs: dict, options: dict) -> Path:
     source = save_source(model_name, model_kwargs)
     compressor = A3Compressor(a3_config(options))
-    return Path(compressor.compress_checkpoint(source, "out", calibration_ids=calibration_ids(), progress=False))
+    return Path(compressor.compress_checkpoint(source, "out", calibration_ids=calibration_ids(options), progress=False))
 
 
 def run_streamed_cache_hit(model_name: str, model_kwargs: dict, options: dict) -> Path:
@@ -150,7 +153,7 @@ def run_streamed_cache_hit(model_name: str, model_kwargs: dict, options: dict) -
     source = save_source(model_name, model_kwargs)
     for out in ("first", "out"):
         compressor = A3Compressor(a3_config(options))
-        compressor.compress_checkpoint(source, out, calibration_ids=calibration_ids(), progress=False,
+        compressor.compress_checkpoint(source, out, calibration_ids=calibration_ids(options), progress=False,
                                        stats_cache="stats-cache")
     hit = compressor.last_timings.get("stats_cache_hit", "unknown (not reported by this library version)")
     if hit is not True:

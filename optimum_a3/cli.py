@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "it off)")
     size.add_argument("--refit-stride", type=int, default=None, metavar="N",
                       help="--mlp-refit with sequential calibration: its statistic takes every Nth calibration token "
-                           "(default: the method's, 4 with --method default; 1: every token)")
+                           "(default: the method's, 4 with --method default, lowered on small calibration sets; "
+                           "1: every token)")
     size.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
                       help="calibrate each layer on the output of the already compressed model (beyond the paper; on by "
                            "default)")

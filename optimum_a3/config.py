@@ -85,7 +85,9 @@ class A3Config:
             statistic, takes every this many-th calibration token (its cost falls by this factor; the channel
             selection's statistic takes every token). The method's value: 4 in ``"default"`` (on SmolLM2 at
             20%, 1 -> 4 cost 2% perplexity and saved about 0.15x the calibration forward; README, Results),
-            1 otherwise (and wherever the statistics are the original model's, which a cache may keep).
+            lowered at run time until R_d samples 8 tokens per MLP channel (fewer made the refit hurt), 1
+            otherwise (and wherever the statistics are the original model's, which a cache may keep). A
+            value you give is kept; with fewer than 4 sampled tokens per channel the refit is skipped.
         sequential: take layer l's statistics from the model being compressed (method page §6) instead
             of the original model (the paper): its attention statistics on the output of the compressed
             layers < l, its MLP statistics on the output of its compressed attention.
@@ -243,7 +245,12 @@ class A3Config:
         warnings.warn("layer-streamed compression holds one decoder layer at a time, so method='default' uses "
                       "uniform dims instead of its mixed allocation, which probes the whole model (load the model "
                       "and call compress(), or pass allocation='uniform' to silence this)", stacklevel=4)
-        return dataclasses.replace(self, allocation="uniform")
+        return self.replaced(allocation="uniform")
+
+    def replaced(self, **changes) -> A3Config:
+        """A copy with ``changes`` in which the options the method filled in (and not changed) are still the
+        method's, so they resolve and adapt as in this config (``dataclasses.replace`` would make them given)."""
+        return dataclasses.replace(self, **{**{name: None for name in self._from_method}, **changes})
 
     # --------------------------------------------------------------------------------- dims
     def layer_dims(self, num_layers: int, head_dim: int, intermediate_size: int | list[int], rope: bool = True) -> list[LayerDims]:

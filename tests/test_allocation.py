@@ -153,7 +153,7 @@ def test_sequential_statistics_are_those_of_the_compressed_model(kv_heads, hold)
     down_proj refit's weights are checked against the refit solved from the hand-computed R_d, which takes
     every token, or every second one (``refit_stride=2``, the default's, with the held intermediate here)."""
     model = tiny_llama(layers=3, num_kv_heads=kv_heads)
-    ids = random_token_windows(16, 32, seed=8)  # 512 tokens: enough for the refit (2 per channel) at stride 2
+    ids = random_token_windows(24, 32, seed=8)  # 768 tokens: enough for the refit (4 per channel) at stride 2
     # Uniform dims: every layer's attention compressed, so layer 0's MLP statistics must differ (below).
     stride = 2 if hold else 1
     compressor = A3Compressor(A3Config(ratio=0.3, mlp_refit=True, batch_size=4, hold_mlp_intermediate=hold,

@@ -17,6 +17,7 @@ from tiny_models import random_token_windows, tiny_llama, tiny_tokenizer
 
 CALIB = random_token_windows(6, 32, seed=11)
 PROBE = random_token_windows(2, 24, seed=12)
+REFIT_CALIB = random_token_windows(12, 32, seed=13)  # 384 tokens: 4 per MLP channel, the refit's minimum
 
 
 def compress(model, **kwargs):
@@ -317,15 +318,29 @@ def test_fast_paths_of_the_modeling_code_match_the_plain_formulas():
 
 def test_mlp_refit_lowers_mlp_output_error_on_calibration_data():
     model = tiny_llama()
-    plain = compress(model, components=["mlp"], intermediate_size=40, method="paper")
-    refit = compress(model, components=["mlp"], intermediate_size=40, mlp_refit=True, sequential=False)
-    ref = logits(model, CALIB)
-    err = lambda m: (logits(m, CALIB) - ref).pow(2).mean().item()  # noqa: E731
+    plain, refit = (A3Compressor(A3Config(components=["mlp"], intermediate_size=40, **kw)).compress(
+        model, calibration_ids=REFIT_CALIB, progress=False)
+        for kw in ({"method": "paper"}, {"mlp_refit": True, "sequential": False}))
+    assert refit.config.a3_compression["mlp_refit"] is True
+    ref = logits(model, REFIT_CALIB)
+    err = lambda m: (logits(m, REFIT_CALIB) - ref).pow(2).mean().item()  # noqa: E731
     assert err(refit) < err(plain)
 
 
+@pytest.mark.parametrize("windows, asked, used", [(200, None, 4), (48, None, 2), (12, None, 1), (48, 4, 4)])
+def test_the_methods_refit_stride_is_lowered_to_sample_enough_tokens(windows, asked, used):
+    """The default's refit_stride 4 gives way where R_d would sample < 8 tokens per MLP channel (intermediate
+    96 here: 6,400 / 1,536 / 384 calibration tokens); a stride asked for is kept (4 per channel suffice)."""
+    kw = {} if asked is None else {"refit_stride": asked}
+    compressor = A3Compressor(A3Config(ratio=0.3, sensitivity_tokens=16, **kw))
+    calibration = random_token_windows(windows, 32, seed=1)
+    record = compressor.compress(tiny_llama(), calibration_ids=calibration, progress=False).config.a3_compression
+    assert record["mlp_refit"] is True
+    assert compressor.last_effective_config.refit_stride == record["a3_config"]["refit_stride"] == used
+
+
 def test_refit_is_skipped_loudly_when_calibration_is_too_small():
-    model = tiny_llama()  # intermediate 96: needs >= 192 tokens
+    model = tiny_llama()  # intermediate 96: needs >= 384 tokens
     few = random_token_windows(2, 32, seed=3)
     compressor = A3Compressor(A3Config(ratio=0.25, mlp_refit=True, sequential=False, allocation="uniform"))
     with pytest.warns(UserWarning, match="mlp_refit skipped: 64 calibration tokens"):
@@ -334,4 +349,5 @@ def test_refit_is_skipped_loudly_when_calibration_is_too_small():
     plain = A3Compressor(A3Config(method="paper", ratio=0.25)).compress(model, calibration_ids=few, progress=False)
     assert all(torch.equal(v, plain.state_dict()[k]) for k, v in small.state_dict().items())
     enough = A3Compressor(A3Config(ratio=0.25, mlp_refit=True, sequential=False, allocation="uniform"))
-    assert enough.compress(model, calibration_ids=CALIB, progress=False).config.a3_compression["mlp_refit"] is True
+    refit = enough.compress(model, calibration_ids=REFIT_CALIB, progress=False)
+    assert refit.config.a3_compression["mlp_refit"] is True

@@ -248,8 +248,8 @@ def test_losing_the_commit_race_keeps_the_winners_entry(base, tmp_path, monkeypa
 def test_an_entry_with_fewer_statistics_is_replaced(tmp_path):
     """A refit run needs the down_proj autocorrelation: it recomputes and replaces the entry without it."""
     model, cache = _model(), tmp_path / "cache"
-    calibration = random_token_windows(8, 32, seed=1)  # enough tokens for refit
-    options = dict(ratio=0.25, method="default", sequential=False, nsamples=8, seqlen=32)
+    calibration = random_token_windows(12, 32, seed=1)  # enough tokens for refit (4 per MLP channel)
+    options = dict(ratio=0.25, method="default", sequential=False, nsamples=12, seqlen=32)
     A3Compressor(A3Config(**options, mlp_refit=False)).compress(model, calibration_ids=calibration, progress=False,
                                                                 stats_cache=cache)
     assert json.loads((_entry(cache) / "meta.json").read_text())["down_input_autocorr"] is False

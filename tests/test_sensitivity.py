@@ -245,6 +245,11 @@ def test_the_methods_resolve_their_allocation_and_a_streamed_default_falls_back_
     default = A3Config(ratio=0.3, sensitivity_tokens=16)
     with pytest.warns(UserWarning, match="uses uniform dims instead of its mixed allocation"):
         assert default.for_layer_streaming() == dataclasses.replace(default, allocation="uniform")
+    # replaced() keeps the method's options the method's (they resolve again); dataclasses.replace fixes them.
+    assert default.replaced(sequential=False).refit_stride == 1
+    with pytest.raises(A3ConfigError, match="refit_stride > 1 needs sequential calibration"):
+        dataclasses.replace(default, sequential=False)
+    assert A3Config(ratio=0.3, refit_stride=4).replaced(mlp_refit=True).refit_stride == 4
     for kept in (A3Config(ratio=0.3, allocation="mixed"), A3Config(ratio=0.3, method="quality"),
                  A3Config(ratio=0.3, allocation="uniform"), A3Config(ratio=0.3, sensitivity_tokens=0)):
         assert kept.for_layer_streaming() is kept

@@ -1,7 +1,6 @@
 """Layer-streamed compression from safetensors, the statistics cache, bit-identical checkpoints, kill safety."""
 
 import contextlib
-import dataclasses
 import hashlib
 import os
 import signal
@@ -38,7 +37,7 @@ def _files(directory) -> dict[str, str]:
 def _in_memory_equivalent(config: A3Config) -> A3Config:
     """The config whose in-memory run gives what a layer-streamed run with ``config`` gives: method='default''s
     mixed allocation probes the whole model, so streamed it uses uniform dims."""
-    return dataclasses.replace(config, allocation="uniform") if config.probes_by_default else config
+    return config.replaced(allocation="uniform") if config.probes_by_default else config
 
 
 def _streaming_warning(config: A3Config):
