@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (default 1)")
     r.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8, the paper's)")
     r.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
-    r.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-4 for LoRA, 3e-5 for "
+    r.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-4 for LoRA, 1e-4 for "
                    "weights)")
     r.add_argument("--seqlen", type=int, default=256, help="tokens per training window")
     r.add_argument("--batch-size", type=int, default=1, help="windows per step")
