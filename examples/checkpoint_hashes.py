@@ -145,7 +145,8 @@ def save_source(model_name: str, model_kwargs: dict) -> str:
 def run_streamed(model_name: str, model_kwargs: dict, options: dict) -> Path:
     source = save_source(model_name, model_kwargs)
     compressor = A3Compressor(a3_config(options))
-    return Path(compressor.compress_checkpoint(source, "out", calibration_ids=calibration_ids(options), progress=False))
+    return Path(compressor.compress_checkpoint(source, "out", calibration_ids=calibration_ids(options),
+                                               progress=False))
 
 
 def run_streamed_cache_hit(model_name: str, model_kwargs: dict, options: dict) -> Path:

@@ -237,6 +237,12 @@ class A3Config:
         run (:meth:`for_layer_streaming`) uses uniform dims instead."""
         return self.probes_whole_model and self.method == "default" and "allocation" in self._from_method
 
+    @property
+    def refit_stride_adapts(self) -> bool:
+        """Whether ``refit_stride`` is the method's, which a run lowers on a small calibration set (one you
+        give is kept)."""
+        return "refit_stride" in self._from_method
+
     def for_layer_streaming(self) -> A3Config:
         """The config a layer-streamed run uses: with :attr:`probes_by_default`, uniform dims (with a warning);
         else this config (an asked-for mixed allocation is refused by such a run)."""

@@ -293,7 +293,7 @@ def test_the_probes_and_their_first_pass_take_no_refit(monkeypatch):
 
     monkeypatch.setattr(statistics.StatisticsCollector, "__init__", init)
     model = tiny_llama()
-    calib = random_token_windows(16, 48, seed=6)  # 192 tokens at the default's refit_stride 4: 2 per channel
+    calib = random_token_windows(16, 48, seed=6)  # 768 tokens: the default's stride gives way to 1, 8 per channel
     config = A3Config(ratio=0.3, sensitivity_tokens=16)  # the default: mixed, sequential, mlp_refit
     small = A3Compressor(config).compress(model, calibration_ids=calib, progress=False)
     layers = model.config.num_hidden_layers

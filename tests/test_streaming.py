@@ -20,6 +20,7 @@ from optimum_a3.config import A3ConfigError
 from tiny_models import random_token_windows, tiny_llama, tiny_tokenizer
 
 CALIBRATION = random_token_windows(8, 32, seed=1)
+REFIT_CALIBRATION = random_token_windows(16, 32, seed=1)  # 512 tokens: the refit needs 4 per MLP channel (96)
 
 
 def _source(tmp_path, **kwargs) -> Path:
@@ -54,16 +55,20 @@ def _streaming_warning(config: A3Config):
                               "quality-uniform"])
 def test_streamed_checkpoint_equals_in_memory_checkpoint(tmp_path, options):
     src = _source(tmp_path)
-    config = A3Config(ratio=0.25, nsamples=8, seqlen=32, **options)
+    refit = "refit_stride" in options
+    calibration = REFIT_CALIBRATION if refit else CALIBRATION
+    config = A3Config(ratio=0.25, nsamples=len(calibration), seqlen=32, **options)
     model = AutoModelForCausalLM.from_pretrained(src).eval()
     tokenizer = AutoTokenizer.from_pretrained(src)
     in_memory = tmp_path / "in_memory"
     compressor = A3Compressor(_in_memory_equivalent(config))
-    compressor.save(compressor.compress(model, calibration_ids=CALIBRATION, progress=False), in_memory,
-                    tokenizer=tokenizer)
+    compressed = compressor.compress(model, calibration_ids=calibration, progress=False)
+    if refit:  # the refit cases must refit (too few calibration tokens would skip it)
+        assert compressed.config.a3_compression["mlp_refit"] is True
+    compressor.save(compressed, in_memory, tokenizer=tokenizer)
     streamed = tmp_path / "streamed"
     with _streaming_warning(config):
-        A3Compressor(config).compress_checkpoint(src, streamed, calibration_ids=CALIBRATION, progress=False)
+        A3Compressor(config).compress_checkpoint(src, streamed, calibration_ids=calibration, progress=False)
     a, b = _files(in_memory), _files(streamed)
     assert set(a) == set(b)
     assert a["model.safetensors"] == b["model.safetensors"]

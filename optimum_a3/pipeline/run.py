@@ -92,8 +92,7 @@ def run_compression(config: A3Config, model: nn.Module, calibration: Callable[[]
     torch.manual_seed(cfg.seed)
     data = calibration()
     tokens = statistics[0].num_tokens if statistics else data.record["tokens"]
-    cfg = _refit_sized_to_data(cfg, tokens, geometry.intermediate_size,
-                               stride_adapts="refit_stride" in cfg._from_method)
+    cfg = _refit_sized_to_data(cfg, tokens, geometry.intermediate_size)
     _check_reuse(cfg, statistics, stats_cache, geometry.num_layers)
     if ranks.distributed and statistics is not None:
         raise A3ConfigError("a distributed run computes its statistics: reusing statistics in memory is for one "
@@ -314,7 +313,7 @@ def _restricted_to(adapter, cfg: A3Config) -> A3Config:
     return cfg.replaced(components=kept)
 
 
-def _refit_sized_to_data(cfg: A3Config, tokens: int | None, intermediate_size: int, stride_adapts: bool) -> A3Config:
+def _refit_sized_to_data(cfg: A3Config, tokens: int | None, intermediate_size: int) -> A3Config:
     """Fit the down_proj refit to the calibration set. The refit solves an intermediate-sized least-squares
     problem on the tokens R_d samples (1 in ``refit_stride``). A stride the method chose (not one asked for)
     is lowered until R_d samples ``REFIT_TOKENS_PER_CHANNEL`` tokens per MLP channel where the data allow:
@@ -323,7 +322,7 @@ def _refit_sized_to_data(cfg: A3Config, tokens: int | None, intermediate_size: i
     tokens per channel the refit is skipped, loudly."""
     if not cfg.mlp_refit or tokens is None:
         return cfg
-    if stride_adapts and cfg.refit_stride > 1:
+    if cfg.refit_stride_adapts and cfg.refit_stride > 1:
         affordable = max(1, tokens // (REFIT_TOKENS_PER_CHANNEL * intermediate_size))
         if affordable < cfg.refit_stride:
             cfg = dataclasses.replace(cfg, refit_stride=affordable)

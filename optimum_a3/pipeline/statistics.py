@@ -67,6 +67,7 @@ class StatisticsCollector:
         self.want_head_autocorr, self.want_down_autocorr = want_head_autocorr, want_down_autocorr
         self.down_autocorr_stride = down_autocorr_stride
         self.r_x = self.s_x = self.g_z = self.m_d = self.r_d = None
+        self._r_d_batch = None  # one batch's R_d products in x's dtype, reused (intermediate², allocated once)
         self.tokens = 0
 
     @staticmethod
@@ -98,8 +99,9 @@ class StatisticsCollector:
         if self.want_down_autocorr:
             if self.r_d is None:
                 self.r_d = x.new_zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+                self._r_d_batch = x.new_zeros(self.r_d.shape)
             step = self.down_autocorr_stride
-            self.r_d.add_(add_gram_upper_(x.new_zeros(self.r_d.shape), x[::step]), alpha=step)
+            self.r_d.add_(add_gram_upper_(self._r_d_batch.zero_(), x[::step]), alpha=step)
 
     def all_reduce_(self, ranks, part: str, owner: int | None = None) -> None:
         """Sum the partial sums of every rank (:class:`~optimum_a3.pipeline.distributed.Ranks`), in place:
