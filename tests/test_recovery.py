@@ -9,7 +9,8 @@ import torch
 from optimum_a3 import A3Compressor, A3Config, A3LlamaForCausalLM
 from optimum_a3.calibration.windows import calibration_windows
 from optimum_a3.integrations.quantization import quantize_model
-from optimum_a3.integrations.recovery import RecoveryError, _distillation_loss, lm_loss, recover, recover_with_lora
+from optimum_a3.integrations.recovery import (RecoveryError, _distillation_loss, _training_windows, lm_loss, recover,
+                                              recover_with_lora)
 from tiny_models import random_token_windows, tiny_llama, tiny_tokenizer
 
 CALIB = random_token_windows(8, 32, seed=11)
@@ -105,6 +106,16 @@ def test_train_ids_replace_text(a3_model):
     ids = random_token_windows(5, 16, seed=3)
     model = recover_with_lora(a3_model, train_ids=ids, steps=5, seqlen=16, rank=2, progress=False)
     assert model.config.a3_compression["recovery"]["dataset"] == "user-provided token ids"
+
+
+def test_training_visits_the_text_windows_in_a_seeded_random_order(tokenizer):
+    # The text's windows come in text order; training in that order ends the schedule on a few articles.
+    in_text_order = calibration_windows(tokenizer, TEXT, 12, 48, 0)
+    windows, _ = _training_windows(tokenizer, TEXT, None, 12, 48, 0)
+    assert sorted(map(tuple, windows.tolist())) == sorted(map(tuple, in_text_order.tolist()))
+    assert not torch.equal(windows, in_text_order)
+    assert torch.equal(windows, _training_windows(tokenizer, TEXT, None, 12, 48, 0)[0])
+    assert not torch.equal(windows, _training_windows(tokenizer, TEXT, None, 12, 48, 1)[0])
 
 
 def test_bad_inputs_give_clear_errors(a3_model, tokenizer):

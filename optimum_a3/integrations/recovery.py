@@ -44,8 +44,8 @@ def recover(model: nn.Module, tokenizer=None, dataset: Any = "wikipedia-offline"
     """Fine-tune a copy of an A3 model on text and return it, with the same dims (a plain A3 model).
 
     Every step uses ``batch_size`` fresh, non-overlapping windows of ``seqlen`` tokens (no window is seen
-    twice), sampled from ``dataset`` with ``seed`` and visited in text order; dropout is off, so a run is
-    reproducible with the same seed and thread count. The input model is left unchanged. The run is
+    twice), sampled from ``dataset`` with ``seed`` and visited in a seeded random order; dropout is off, so a
+    run is reproducible with the same seed and thread count. The input model is left unchanged. The run is
     recorded in ``config.a3_compression["recovery"]`` (settings and mean training loss over the first and
     last steps).
 
@@ -67,7 +67,7 @@ def recover(model: nn.Module, tokenizer=None, dataset: Any = "wikipedia-offline"
             ``DEFAULT_LEARNING_RATES[method]``.
         seqlen / batch_size: tokens per window, windows per step.
         warmup_steps: default 10% of ``steps``.
-        seed: seed of the window sampling and of the LoRA initialisation.
+        seed: seed of the window sampling, their order and the LoRA initialisation.
         target_modules: names of the linear layers that are trained (peft ``target_modules`` for LoRA).
             Default: every projection A3 resizes, as the model family's adapter names them
             (``lora_targets``); lm_head and the embeddings stay frozen (tied, and the largest matrices).
@@ -207,7 +207,10 @@ def _training_windows(tokenizer, dataset, train_ids, needed: int, seqlen: int, s
     except CalibrationDataError as exc:
         raise RecoveryError(f"too little training text for {needed} windows of {seqlen} tokens (steps x "
                             f"batch_size): lower steps, batch_size or seqlen, or give more text ({exc})") from exc
-    return windows, describe_source(dataset)
+    # The windows come back in text order; training on them in that order would end the cosine schedule on
+    # one stretch of the corpus (a few articles), so the steps visit them in a seeded random order.
+    order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(seed))
+    return windows[order], describe_source(dataset)
 
 
 # ----------------------------------------------------------------------------------- training
