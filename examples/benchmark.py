@@ -19,6 +19,9 @@ Three phases; keep the machine quiet during the first two, whose figures are tim
 4. with ``--tasks``: lm-evaluation-harness accuracy of every model on those tasks (the 'eval' extra),
    one table column per task metric (acc and acc_norm where the task has them).
 
+With ``--recover-steps N``, each A3 model is also fine-tuned (its weights distilled from the dense model,
+``recover(method="weights", teacher=dense)``) in phase 1, as an extra ``<method>+kd`` row.
+
 ``results.json`` is rewritten after every step, so a cut-off run keeps what it measured (rows without
 ``ppl`` are not evaluated yet; ``--report-only`` tabulates what is there). Every model stays in memory
 until the end (SmolLM2-135M in float32: ~0.5 GB each, 16-21 models): choose ``--methods`` and
@@ -46,6 +49,7 @@ from optimum_a3.math.budget import decoder_linear_params, kv_cache_bytes_per_tok
 from optimum_a3.calibration.windows import calibration_windows
 from optimum_a3.calibration.text import load_rows
 from optimum_a3.integrations.evaluation import perplexity, tokenize_rows, wikitext2_test_rows
+from optimum_a3.integrations.recovery import recover
 from optimum_a3.checkpoint.loading import load_model_and_tokenizer
 
 
@@ -134,7 +138,7 @@ def decode_s(model, prompt: torch.Tensor, new_tokens: int) -> float:
     return time.perf_counter() - t0
 
 
-def build_models(args, model, calib, save) -> list[Built]:
+def build_models(args, model, tokenizer, calib, save) -> list[Built]:
     """Phase 1: the dense model and every compressed one, with their compression cost."""
     cost_fields = ("compress_s", "calib_forward_s", "compress_over_calib_forward", "calib_forward_share",
                    "compress_peak_extra_mb")
@@ -150,6 +154,22 @@ def build_models(args, model, calib, save) -> list[Built]:
         built.append(Built(small, row))
         print(f"[{method} {ratio}] built" + ("" if compress_s is None else f" in {compress_s:.1f} s "
               f"({row['compress_over_calib_forward']:.2f}x the calibration forward)"), flush=True)
+        save(built)
+
+    def add_recovered(method, ratio, small):
+        # The A3 weights distilled from the dense model (recover(method="weights", teacher=...)): the row
+        # "<method>+kd" has the same dims, so only its perplexity and the fine-tune's time differ.
+        print(f"[{method} {ratio}] recovery fine-tune, {args.recover_steps} steps", flush=True)
+        t0 = time.perf_counter()
+        recovered = recover(small, tokenizer, args.recover_dataset, args.recover_steps, method="weights",
+                            teacher=model, seqlen=args.recover_seqlen, batch_size=args.recover_batch_size,
+                            seed=args.seed,
+                            autocast_dtype=torch.bfloat16, progress=False)
+        took = time.perf_counter() - t0
+        record = recovered.config.a3_compression["recovery"]
+        built.append(Built(recovered, {"method": f"{method}+kd", "ratio": ratio, **dict.fromkeys(cost_fields),
+                                       "recover_s": took, "recovery": record}))
+        print(f"[{method}+kd {ratio}] built in {took:.1f} s", flush=True)
         save(built)
 
     def reference():
@@ -192,6 +212,8 @@ def build_models(args, model, calib, save) -> list[Built]:
                 add(method, ratio, small, took, mem.extra_mb, compressor.last_timings["calibration_forward_s"] / took)
             else:
                 add(method, ratio, small)
+            if args.recover_steps:
+                add_recovered(method, ratio, small)
         if "svd" in args.methods:  # no calibration data: compared with the latest reference forward
             if reference_s is None:
                 reference()
@@ -296,6 +318,12 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench_results")
     p.add_argument("--report-only", action="store_true", help="rewrite the table and plot from --out/results.json")
+    p.add_argument("--recover-steps", type=int, default=0,
+                   help="also each A3 model after this many steps of recovery: its weights distilled from the dense "
+                   "model (a '<method>+kd' row; 0: none)")
+    p.add_argument("--recover-dataset", default="wikipedia-offline:train", help="recovery training text")
+    p.add_argument("--recover-seqlen", type=int, default=256, help="recovery: tokens per training window")
+    p.add_argument("--recover-batch-size", type=int, default=1, help="recovery: training windows per step")
     p.add_argument("--tasks", default=None, help="also lm-eval accuracy on these comma-separated tasks (e.g. "
                    "arc_easy,hellaswag; needs optimum-a3[eval]); one column per task metric")
     p.add_argument("--tasks-limit", type=float, default=None, help="lm-eval: at most N documents per task")
@@ -337,7 +365,7 @@ def main():
             json.dump({"machine": machine(threads), "args": vars(args), "rows": [b.row for b in built]}, f, indent=2)
         os.replace(path + ".tmp", path)
 
-    built = build_models(args, model, calib, save)
+    built = build_models(args, model, tok, calib, save)
     measure_speed(args, built, model.config.vocab_size, save)
     evaluate(args, built, eval_ids, heldout_ids, save)
     if selection is not None:
@@ -400,6 +428,11 @@ def write_report(args, rows, threads):
         "| prefill tok/s (x dense) | decode tok/s (x dense) |" + "".join(f" {h} |" for h in task_header),
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * (len(task_header) + heldout),
     ]
+    recovered = [r for r in rows if r.get("recover_s") is not None]
+    if recovered:
+        lines[0] += (f" `+kd` rows: the A3 weights distilled from the dense model for {args.recover_steps} steps of "
+                     f"{args.recover_batch_size} x {args.recover_seqlen} tokens of `{args.recover_dataset}` (bf16 autocast), in "
+                     + ", ".join(f"{r['recover_s']:.0f} s ({r['method']} {r['ratio']:.1f})" for r in recovered) + ".")
     if task_header:
         limit = args.tasks_limit
         lines[0] += (f" lm-eval tasks {args.tasks} (each task's default few-shot count"

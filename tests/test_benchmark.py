@@ -90,3 +90,33 @@ def test_benchmark_measures_every_model_in_one_run(tmp_path):
     assert "on no windows" in partial and len([line for line in partial.splitlines() if line.startswith("| a3 |")]) == 1
     assert not (cut / "ppl_vs_ratio.png").exists()
     assert (out / "results.md").read_text() == table  # the original run's report is untouched
+
+
+def test_benchmark_adds_a_distilled_row_per_a3_model(tmp_path):
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(" ".join(WORDS[(i * 3 + j) % len(WORDS)] for j in range(10)) for i in range(60)))
+    out = tmp_path / "out"
+    run_script("--model", base, "--ratios", "0.25", "--methods", "a3", "--calibration", text, "--nsamples", 4,
+               "--seqlen", 32, "--eval-source", text, "--eval-seqlen", 32, "--eval-windows", 3,
+               "--heldout-source", "none", "--prefill-batch", 1, "--prefill-seqlen", 8, "--decode-tokens", 2,
+               "--repeats", 1, "--recover-steps", 3, "--recover-dataset", text, "--recover-seqlen", 16,
+               "--recover-batch-size", 2,
+               "--out", out, cwd=tmp_path)
+
+    rows = {(r["method"], r["ratio"]): r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert list(rows) == [("dense", 0.0), ("a3", 0.25), ("a3+kd", 0.25)]
+    a3, kd = rows["a3", 0.25], rows["a3+kd", 0.25]
+    assert kd["recover_s"] > 0 and kd["compress_s"] is None
+    assert kd["recovery"]["steps"] == 3 and kd["recovery"]["objective"] == "distillation"
+    assert kd["recovery"]["method"] == "weights"
+    assert kd["recovery"]["seqlen"] == 16 and kd["recovery"]["batch_size"] == 2
+    # Same dims, other weights.
+    assert kd["decoder_linear_params"] == a3["decoder_linear_params"]
+    assert kd["kv_bytes_per_token"] == a3["kv_bytes_per_token"]
+    assert kd["ppl"] != a3["ppl"]
+    table = (out / "results.md").read_text()
+    assert "`+kd` rows: the A3 weights distilled from the dense model for 3 steps of 2 x 16 tokens" in table
+    assert len([line for line in table.splitlines() if line.startswith("| a3+kd | 0.2 |")]) == 1
