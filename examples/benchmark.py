@@ -431,7 +431,8 @@ def write_report(args, rows, threads):
     recovered = [r for r in rows if r.get("recover_s") is not None]
     if recovered:
         lines[0] += (f" `+kd` rows: the A3 weights distilled from the dense model for {args.recover_steps} steps of "
-                     f"{args.recover_batch_size} x {args.recover_seqlen} tokens of `{args.recover_dataset}` (bf16 autocast), in "
+                     f"{args.recover_batch_size} x {args.recover_seqlen} tokens of `{args.recover_dataset}` "
+                     "(bf16 autocast), in "
                      + ", ".join(f"{r['recover_s']:.0f} s ({r['method']} {r['ratio']:.1f})" for r in recovered) + ".")
     if task_header:
         limit = args.tasks_limit
