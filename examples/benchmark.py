@@ -163,8 +163,7 @@ def build_models(args, model, tokenizer, calib, save) -> list[Built]:
         t0 = time.perf_counter()
         recovered = recover(small, tokenizer, args.recover_dataset, args.recover_steps, method="weights",
                             teacher=model, seqlen=args.recover_seqlen, batch_size=args.recover_batch_size,
-                            seed=args.seed,
-                            autocast_dtype=torch.bfloat16, progress=False)
+                            seed=args.seed, autocast_dtype=torch.bfloat16, progress=False)
         took = time.perf_counter() - t0
         record = recovered.config.a3_compression["recovery"]
         built.append(Built(recovered, {"method": f"{method}+kd", "ratio": ratio, **dict.fromkeys(cost_fields),

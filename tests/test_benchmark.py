@@ -23,12 +23,18 @@ def run_script(*args, cwd):
     return proc.stdout
 
 
-def test_benchmark_measures_every_model_in_one_run(tmp_path):
+def tiny_model_and_text(tmp_path):
+    """A saved tiny Llama with its tokenizer, and a text file to calibrate, evaluate and train on."""
     base = tmp_path / "base"
     tiny_llama().save_pretrained(base)
     tiny_tokenizer().save_pretrained(base)
     text = tmp_path / "text.txt"
     text.write_text("\n".join(" ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(10)) for i in range(60)))
+    return base, text
+
+
+def test_benchmark_measures_every_model_in_one_run(tmp_path):
+    base, text = tiny_model_and_text(tmp_path)
     out = tmp_path / "out"
     run_script("--model", base, "--ratios", "0.25", "--methods", "a3", "a3-default", "svd", "svd-llm",
                "--calibration", text, "--nsamples", 4, "--seqlen", 32, "--eval-source", text, "--eval-seqlen", 32,
@@ -93,18 +99,13 @@ def test_benchmark_measures_every_model_in_one_run(tmp_path):
 
 
 def test_benchmark_adds_a_distilled_row_per_a3_model(tmp_path):
-    base = tmp_path / "base"
-    tiny_llama().save_pretrained(base)
-    tiny_tokenizer().save_pretrained(base)
-    text = tmp_path / "text.txt"
-    text.write_text("\n".join(" ".join(WORDS[(i * 3 + j) % len(WORDS)] for j in range(10)) for i in range(60)))
+    base, text = tiny_model_and_text(tmp_path)
     out = tmp_path / "out"
     run_script("--model", base, "--ratios", "0.25", "--methods", "a3", "--calibration", text, "--nsamples", 4,
                "--seqlen", 32, "--eval-source", text, "--eval-seqlen", 32, "--eval-windows", 3,
                "--heldout-source", "none", "--prefill-batch", 1, "--prefill-seqlen", 8, "--decode-tokens", 2,
                "--repeats", 1, "--recover-steps", 3, "--recover-dataset", text, "--recover-seqlen", 16,
-               "--recover-batch-size", 2,
-               "--out", out, cwd=tmp_path)
+               "--recover-batch-size", 2, "--out", out, cwd=tmp_path)
 
     rows = {(r["method"], r["ratio"]): r for r in json.loads((out / "results.json").read_text())["rows"]}
     assert list(rows) == [("dense", 0.0), ("a3", 0.25), ("a3+kd", 0.25)]
