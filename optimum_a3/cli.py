@@ -513,9 +513,11 @@ def run_recover(args) -> dict:
     from .config import A3Config
     from .checkpoint.loading import load_model_and_tokenizer
     from .checkpoint.records import compression_record, update_compression_record
-    from .integrations.recovery import recover
+    from .integrations.recovery import check_recovery_settings, recover
 
     _check_output(args)  # before any expensive work
+    check_recovery_settings(args.train, args.steps, rank=args.rank, learning_rate=args.lr, seqlen=args.seqlen,
+                            batch_size=args.batch_size, temperature=args.temperature)
     _check_model_spec(args.model)
     if args.teacher is not None:
         _check_model_spec(args.teacher)

@@ -286,6 +286,11 @@ def test_recover_distills_the_weights_from_the_dense_model(compressed_dir, base_
      "no such file or directory"),
     (["recover", "{compressed}", "-o", "{tmp}/o", "--teacher", "{base}", "--temperature", "0", "--steps", "2"],
      "recover", "temperature must be a positive number"),
+    # Bad settings are refused before the model is loaded (the checkpoint does not even exist).
+    (["recover", "{tmp}/no-such-checkpoint", "-o", "{tmp}/o", "--steps", "0"], "recover",
+     "steps must be an integer >= 1"),
+    (["recover", "{tmp}/no-such-checkpoint", "-o", "{tmp}/o", "--batch-size", "0", "--train", "weights"], "recover",
+     "batch_size must be an integer >= 1"),
 ])
 def test_bad_input_exits_2_with_one_line(argv, command, match, base_dir, compressed_dir, tmp_path, capsys):
     busy = tmp_path / "busy"

@@ -82,14 +82,13 @@ def recover(model: nn.Module, tokenizer=None, dataset: Any = "wikipedia-offline"
             or too little text for ``steps * batch_size`` windows.
     """
     _check_model(model)
-    if method not in RECOVERY_METHODS:
-        raise RecoveryError(f"method must be one of {', '.join(map(repr, RECOVERY_METHODS))}, got {method!r}")
+    check_recovery_settings(method, steps, rank=rank, learning_rate=learning_rate, seqlen=seqlen,
+                            batch_size=batch_size, warmup_steps=warmup_steps, temperature=temperature)
     if learning_rate is None:
         learning_rate = DEFAULT_LEARNING_RATES[method]
     if target_modules is None:
         target_modules = adapter_for(model, validate=False).lora_targets()
-    _check_settings(steps, rank, learning_rate, seqlen, batch_size, warmup_steps)
-    _check_teacher(model, teacher, temperature)
+    _check_teacher(model, teacher)
     windows, source = _training_windows(tokenizer, dataset, train_ids, steps * batch_size, seqlen, seed)
 
     torch.manual_seed(seed)  # the LoRA A matrices are initialised at random
@@ -166,7 +165,17 @@ def _check_model(model: nn.Module) -> None:
         raise RecoveryError("the model has no floating-point parameters to fine-tune")
 
 
-def _check_settings(steps, rank, learning_rate, seqlen, batch_size, warmup_steps) -> None:
+def check_recovery_settings(method: str = "lora", steps: int = 300, *, rank: int = 8,
+                            learning_rate: float | None = None, seqlen: int = 256, batch_size: int = 1,
+                            warmup_steps: int | None = None, temperature: float = 1.0) -> None:
+    """Refuse bad :func:`recover` settings with a :class:`RecoveryError`, before any model is loaded.
+
+    ``recover`` calls it too; the CLI calls it first so that a bad ``--steps`` does not wait for a model load.
+    """
+    if method not in RECOVERY_METHODS:
+        raise RecoveryError(f"method must be one of {', '.join(map(repr, RECOVERY_METHODS))}, got {method!r}")
+    if learning_rate is None:
+        learning_rate = DEFAULT_LEARNING_RATES[method]
     for name, value in (("steps", steps), ("rank", rank), ("seqlen", seqlen), ("batch_size", batch_size)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise RecoveryError(f"{name} must be an integer >= 1, got {value!r}")
@@ -178,10 +187,12 @@ def _check_settings(steps, rank, learning_rate, seqlen, batch_size, warmup_steps
         raise RecoveryError(f"warmup_steps must be in [0, steps={steps}), got {warmup_steps}")
 
 
-def _check_teacher(model: nn.Module, teacher: nn.Module | None, temperature: float) -> None:
     if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
             and math.isfinite(temperature) and temperature > 0):
         raise RecoveryError(f"temperature must be a positive number, got {temperature!r}")
+
+
+def _check_teacher(model: nn.Module, teacher: nn.Module | None) -> None:
     if teacher is None:
         return
     if teacher is model:
