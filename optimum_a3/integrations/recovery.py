@@ -174,19 +174,17 @@ def check_recovery_settings(method: str = "lora", steps: int = 300, *, rank: int
     """
     if method not in RECOVERY_METHODS:
         raise RecoveryError(f"method must be one of {', '.join(map(repr, RECOVERY_METHODS))}, got {method!r}")
-    if learning_rate is None:
-        learning_rate = DEFAULT_LEARNING_RATES[method]
     for name, value in (("steps", steps), ("rank", rank), ("seqlen", seqlen), ("batch_size", batch_size)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise RecoveryError(f"{name} must be an integer >= 1, got {value!r}")
     if seqlen < 2:
         raise RecoveryError(f"seqlen must be >= 2 (one token predicts the next), got {seqlen}")
-    if not (isinstance(learning_rate, (int, float)) and math.isfinite(learning_rate) and learning_rate > 0):
+    # None: the method's default rate (DEFAULT_LEARNING_RATES), which recover() fills in.
+    if learning_rate is not None and not (isinstance(learning_rate, (int, float)) and math.isfinite(learning_rate)
+                                          and learning_rate > 0):
         raise RecoveryError(f"learning_rate must be a positive number, got {learning_rate!r}")
     if warmup_steps is not None and not (0 <= warmup_steps < steps):
         raise RecoveryError(f"warmup_steps must be in [0, steps={steps}), got {warmup_steps}")
-
-
     if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
             and math.isfinite(temperature) and temperature > 0):
         raise RecoveryError(f"temperature must be a positive number, got {temperature!r}")
